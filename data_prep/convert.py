@@ -1,0 +1,190 @@
+"""The conversion engine every source module uses: load, resize, encode in parallel, write.
+
+A source module only says which classes exist (in split order), which raw items belong to each,
+and how to load one item; this module does the rest the same way for every source: resizing to
+the storage resolution, choosing the codec, parallel encoding with progress, counting unreadable
+items, failing when too many are bad, and writing the HDF5 file plus a JSON report beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data_prep.store import SPLITS, DomainWriter, Hierarchy, StoreError, encode_image
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[Any], "Image.Image | np.ndarray"]
+
+
+@dataclass
+class ClassSpec:
+    """One class of a domain: its name, split, raw items and optional superclass."""
+
+    name: str
+    split: str
+    items: Sequence[Any]
+    superclass: str | None = None
+
+
+@dataclass
+class StorageSettings:
+    """How images are stored; part of each file's provenance."""
+
+    short_side: int | None = 160  # resize so the shorter side is at most this; None keeps native
+    codec: str = "auto"  # 'png', 'jpeg', or 'auto' (PNG for greyscale, JPEG for colour)
+    jpeg_quality: int = 95
+    max_bad_fraction: float = 0.01  # fail when more than this fraction of items is unreadable
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ConversionReport:
+    source: str
+    output: str
+    images: int = 0
+    classes: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps(self.__dict__, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+def report_path(out: Path) -> Path:
+    return out.with_name(out.name + ".report.json")
+
+
+def prepare_image(image: Image.Image | np.ndarray, settings: StorageSettings) -> Image.Image:
+    """Greyscale stays 'L', everything else becomes 'RGB'; shrink to the storage resolution."""
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    if pil.mode not in ("L", "RGB"):
+        pil = pil.convert("L" if pil.mode in ("1", "I;16", "I", "LA") else "RGB")
+    side = settings.short_side
+    if side is not None and min(pil.size) > side:
+        scale = side / min(pil.size)
+        size = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+        pil = pil.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return pil
+
+
+def _encode_item(item: Any, load: Loader, settings: StorageSettings
+                 ) -> tuple[bytes, tuple[int, int, int]] | str:
+    """Load and encode one item; an unreadable item returns the error text instead."""
+    try:
+        pil = prepare_image(load(item), settings)
+        pil.load()
+    except Exception as err:  # a broken raw file is counted and reported, never fatal by itself
+        return f"{type(err).__name__}: {err}"
+    codec = settings.codec
+    if codec == "auto":
+        codec = "png" if pil.mode == "L" else "jpeg"
+    channels = 1 if pil.mode == "L" else 3
+    return encode_image(pil, codec, settings.jpeg_quality), (pil.height, pil.width, channels)
+
+
+def _encoded(items: list[Any], load: Loader, settings: StorageSettings, workers: int
+             ) -> Iterator[tuple[bytes, tuple[int, int, int]] | str]:
+    work = partial(_encode_item, load=load, settings=settings)
+    if workers <= 1:
+        yield from map(work, items)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        yield from pool.map(work, items, chunksize=64)
+
+
+def item_name(item: Any) -> str:
+    """A readable name for a raw item in reports: its path when it has one."""
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    if isinstance(item, tuple) and item and isinstance(item[0], (str, os.PathLike)):
+        return str(item[0])
+    return repr(item)[:80]
+
+
+def two_level_hierarchy(classes: Sequence[ClassSpec]) -> Hierarchy | None:
+    """Superclasses from ClassSpec.superclass, in order of first appearance."""
+    if all(c.superclass is None for c in classes):
+        return None
+    if any(c.superclass is None for c in classes):
+        missing = next(c.name for c in classes if c.superclass is None)
+        raise ValueError(f"class {missing!r} has no superclass while others have one")
+    names = list(dict.fromkeys(c.superclass for c in classes))
+    parent = np.array([names.index(c.superclass) for c in classes])
+    return Hierarchy("two_level", tuple(names), class_parent=parent)
+
+
+def write_domain(
+    out: str | os.PathLike,
+    *,
+    source: str,
+    converter_version: str,
+    classes: Sequence[ClassSpec],
+    load: Loader,
+    settings: StorageSettings | None = None,
+    extra_settings: dict | None = None,
+    hierarchy: Hierarchy | None = None,
+    workers: int = 1,
+) -> ConversionReport:
+    """Convert ``classes`` into the domain file ``out`` and write ``out.report.json`` beside it.
+
+    ``load`` must be a picklable (module-level) function when ``workers > 1``.
+    """
+    out = Path(out)
+    settings = settings or StorageSettings()
+    order = [SPLITS.index(c.split) if c.split in SPLITS else -1 for c in classes]
+    if -1 in order:
+        raise ValueError(f"{source}: unknown split {classes[order.index(-1)].split!r}")
+    if order != sorted(order):
+        raise ValueError(f"{source}: classes must be listed train -> valid -> test")
+    empty = [c.name for c in classes if not c.items]
+    if empty:
+        raise StoreError(f"{source}: classes with no raw images: {empty[:10]}")
+    hierarchy = hierarchy or two_level_hierarchy(classes)
+    all_items = [(label, item) for label, c in enumerate(classes) for item in c.items]
+    report = ConversionReport(source=source, output=str(out), classes=len(classes))
+    started = time.perf_counter()
+    writer = DomainWriter(
+        out, source=source, converter_version=converter_version,
+        class_names=[c.name for c in classes], class_splits=[c.split for c in classes],
+        settings={**settings.as_dict(), **(extra_settings or {})}, hierarchy=hierarchy)
+    with writer:
+        results = _encoded([item for _, item in all_items], load, settings, workers)
+        progress = tqdm(zip(all_items, results, strict=True), total=len(all_items),
+                        desc=f"convert {source}", unit="img", mininterval=2.0)
+        for (label, item), result in progress:
+            if isinstance(result, str):
+                writer.skip(item_name(item), result)
+                continue
+            writer.add(label, *result)
+        bad = len(writer.skipped)
+        if bad > settings.max_bad_fraction * len(all_items):
+            raise StoreError(
+                f"{source}: {bad} of {len(all_items)} raw images are unreadable, more than "
+                f"max_bad_fraction={settings.max_bad_fraction}; first: {writer.skipped[:3]}")
+        report.images = len(all_items) - bad
+        report.skipped = writer.skipped
+    report.seconds = round(time.perf_counter() - started, 2)
+    report.write(report_path(out))
+    for name, reason in report.skipped:
+        log.warning("%s: skipped %s (%s)", source, name, reason)
+    log.info("%s: wrote %d images of %d classes to %s (%d skipped) in %.1fs", source,
+             report.images, report.classes, out, len(report.skipped), report.seconds)
+    return report
