@@ -17,6 +17,29 @@ SOURCES: dict[str, str] = {
     "mnist": "data_prep.builtin.mnist",
     "animals": "data_prep.builtin.animals",
     "digits": "data_prep.builtin.digits",
+    # Meta-Dataset
+    "ilsvrc_2012": "data_prep.sources.ilsvrc_2012",
+    "omniglot": "data_prep.sources.omniglot",
+    "aircraft": "data_prep.sources.aircraft",
+    "cu_birds": "data_prep.sources.cu_birds",
+    "dtd": "data_prep.sources.dtd",
+    "quickdraw": "data_prep.sources.quickdraw",
+    "fungi": "data_prep.sources.fungi",
+    "vgg_flower": "data_prep.sources.vgg_flower",
+    "traffic_sign": "data_prep.sources.traffic_sign",
+    "mscoco": "data_prep.sources.mscoco",
+    # BSCD-FSL
+    "crop_disease": "data_prep.sources.crop_disease",
+    "eurosat": "data_prep.sources.eurosat",
+    "isic": "data_prep.sources.isic",
+    "chestx": "data_prep.sources.chestx",
+    # fine-grained (Tseng et al. 2020)
+    "cub": "data_prep.sources.cub",
+    "cars": "data_prep.sources.cars",
+    "places": "data_prep.sources.places",
+    "plantae": "data_prep.sources.plantae",
+    # any folder-per-class tree
+    "image_folder": "data_prep.sources.image_folder",
 }
 
 
