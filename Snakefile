@@ -1,0 +1,31 @@
+"""AMT benchmark: raw datasets -> HDF5 domains -> episodes -> LoRA pools -> results -> tables."""
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+
+
+wildcard_constraints:
+    domain="|".join(DOMAINS),
+    setting="|".join(config["settings"]),
+    kind="test|valid",
+    source="|".join(sorted(FETCHED)),
+
+
+include: "rules/data.smk"
+include: "rules/episodes.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,1 @@
+"""AMT benchmark: episodes, models, adversarial meta-tuning and evaluation over HDF5 domains."""

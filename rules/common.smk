@@ -1,0 +1,43 @@
+"""Helpers shared by every workflow file: config checks, paths and target lists."""
+
+import json
+
+from amt.config import check_config, raw_folder
+from data_prep.sources import FETCHED
+
+check_config(config)
+
+RESULTS = "results"
+DOMAINS = list(config["domains"])
+EVAL_SETTINGS = config["evaluate"]["settings"]
+EPISODE_KINDS = ["test", "valid"]
+CONDA_ENV = "../envs/amt.yaml"  # relative to rules/; the environment of every rule
+
+
+def domain_file(domain):
+    return f"{RESULTS}/data/{domain}.h5"
+
+
+def episode_file(domain, kind, setting):
+    return f"{RESULTS}/episodes/{domain}/{kind}_{setting}.json"
+
+
+def setting_json(wildcards):
+    return json.dumps(config["settings"][wildcards.setting], sort_keys=True)
+
+
+def data_targets():
+    return [f"{RESULTS}/data/{d}.inspect.json" for d in DOMAINS]
+
+
+def episode_targets():
+    return [
+        episode_file(d, kind, s)
+        for d in config["evaluate"]["targets"]
+        for s in EVAL_SETTINGS
+        for kind in EPISODE_KINDS
+    ]
+
+
+def all_targets():
+    return data_targets() + episode_targets()
