@@ -246,17 +246,19 @@ class DomainWriter:
             group.create_dataset("edges", data=np.asarray(h.edges, dtype=np.int64).reshape(-1, 2))
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        finished = False
         try:
             if exc_type is None:
                 self._finish()
+                finished = True
         finally:
             self._file.close()
             self._file = None
-        if exc_type is None:
-            _fsync(self.partial)
-            os.replace(self.partial, self.path)
-        else:
-            self.partial.unlink(missing_ok=True)
+            if finished:
+                _fsync(self.partial)
+                os.replace(self.partial, self.path)
+            else:
+                self.partial.unlink(missing_ok=True)
 
 
 def _fsync(path: Path) -> None:
@@ -301,8 +303,8 @@ class DomainStore:
                              f"{FORMAT_VERSION}; convert the source again")
         if not f.attrs.get("complete", False):
             raise StoreError(f"{self.path}: the file is marked incomplete (conversion unfinished)")
-        required = ("image_bytes", "image_offsets", "shapes", "checksums", "labels", "class_offsets", "classes/names",
-                    "classes/split")
+        required = ("image_bytes", "image_offsets", "shapes", "checksums", "labels",
+                    "class_offsets", "classes/names", "classes/split")
         missing = [name for name in required if name not in f]
         if missing:
             raise StoreError(f"{self.path}: missing datasets {missing}")

@@ -1,0 +1,96 @@
+"""The configuration schema and the cross-reference checks run when the workflow starts."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from amt.config import ConfigError, check_config, raw_folder
+from data_prep.sources import SOURCES
+
+ROOT = Path(__file__).parents[1]
+SCHEMA = yaml.safe_load((ROOT / "schemas" / "config.schema.yaml").read_text())
+DEFAULT = yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def errors(config: dict) -> list[str]:
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    return [error.message for error in validator.iter_errors(config)]
+
+
+def test_default_config_is_valid() -> None:
+    assert errors(DEFAULT) == []
+    check_config(DEFAULT)
+
+
+def test_schema_lists_exactly_the_registered_sources() -> None:
+    enum = SCHEMA["properties"]["domains"]["additionalProperties"]["properties"]["source"]["enum"]
+    assert sorted(enum) == sorted(SOURCES)
+
+
+def test_unknown_key_is_named() -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["episodes"]["tests"] = {"count": 3, "seed": 0}
+    assert any("'tests' was unexpected" in message for message in errors(config))
+
+
+def test_wrong_type_is_reported() -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["episodes"]["test"]["count"] = "many"
+    assert any("'many' is not of type 'integer'" in message for message in errors(config))
+
+
+def test_unknown_source_lists_the_allowed_ones() -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["domains"]["glyphs"]["source"] = "omniglott"
+    message = " ".join(errors(config))
+    assert "'omniglott' is not one of" in message and "'omniglot'" in message
+
+
+def test_unknown_target_domain_names_key_and_allowed_values() -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["evaluate"]["targets"].append("imagenet")
+    with pytest.raises(ConfigError, match=r"evaluate\.targets.*'imagenet'.*allowed.*'glyphs'"):
+        check_config(config)
+
+
+def test_unknown_setting_is_rejected() -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["evaluate"]["settings"] = ["5w10s"]
+    with pytest.raises(ConfigError, match=r"evaluate\.settings.*5w10s"):
+        check_config(config)
+
+
+def test_real_source_without_raw_folder_is_rejected() -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["domains"]["omniglot"] = {"source": "omniglot"}
+    with pytest.raises(ConfigError, match=r"domains\.omniglot\.raw"):
+        check_config(config)
+
+
+def test_raw_folder_of_fetched_and_configured_sources() -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["domains"]["omniglot"] = {"source": "omniglot", "raw": "/data/omniglot"}
+    assert raw_folder(config, "mnist") == "resources/mnist"
+    assert raw_folder(config, "glyphs") is None
+    assert raw_folder(config, "omniglot") == "/data/omniglot"
+
+
+def test_workflow_stops_on_a_bad_config_naming_the_key(tmp_path: Path) -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["seed"] = -1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(path), "-d", str(tmp_path),
+         "-s", str(ROOT / "Snakefile")],
+        capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "seed" in output and "-1 is less than the minimum of 0" in output
