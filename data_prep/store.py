@@ -279,6 +279,7 @@ class DomainStore:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._handle: h5py.File | None = None
+        self._bytes: h5py.Dataset | None = None
         self._pid: int | None = None
         with self._open() as f:
             self._load_metadata(f)
@@ -373,12 +374,14 @@ class DomainStore:
     def _file(self) -> h5py.File:
         if self._handle is None or self._pid != os.getpid():
             self._handle = self._open()
+            self._bytes = self._handle["image_bytes"]  # looking it up costs more than a read
             self._pid = os.getpid()
         return self._handle
 
     def read_bytes(self, index: int) -> bytes:
         start, stop = self.image_offsets[index], self.image_offsets[index + 1]
-        return self._file()["image_bytes"][start:stop].tobytes()
+        self._file()
+        return self._bytes[start:stop].tobytes()
 
     def read(self, index: int) -> np.ndarray:
         """Decoded image ``index`` as an HxWxC uint8 array (C is 1 or 3)."""
@@ -412,11 +415,11 @@ class DomainStore:
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
-            self._handle = None
+            self._handle, self._bytes = None, None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_handle"], state["_pid"] = None, None
+        state["_handle"], state["_bytes"], state["_pid"] = None, None, None
         return state
 
     def summary(self) -> dict:
