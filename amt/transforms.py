@@ -7,7 +7,9 @@ is fixed by (seed, episode, position) whichever worker process runs it.
 Geometry follows torchvision's semantics (``RandomResizedCrop`` with its centre-crop fallback;
 ``Resize(shorter side)`` + ``CenterCrop``) but crops and resizes in a single PIL call; colour
 jitter is PMF's ``ImageJitter`` (PIL ImageEnhance Brightness, Contrast, Color in that order),
-computed on the tensor.
+computed in float. Per-image pixel work runs in PIL and numpy, never in torch: a 3x128x128 torch
+op is split over all intra-op threads, and when another process holds a core each such op
+stalls (measured 5-20x slower in the main process); numpy ufuncs stay on one thread.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from PIL import Image
 Transform = Callable[[np.ndarray, np.random.Generator], torch.Tensor]
 
 # ITU-R 601 luma weights, as PIL's RGB -> L conversion (used by ImageEnhance Contrast and Color).
-_LUMA = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+_LUMA = tuple(np.float32(w) for w in (0.299, 0.587, 0.114))
 _RESAMPLE = Image.Resampling.BILINEAR  # torchvision's default interpolation
 
 
@@ -44,11 +46,12 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
 
 
-def to_tensor(pil: Image.Image) -> torch.Tensor:
-    """PIL 'L' or 'RGB' image -> float32 3xHxW tensor in [0, 1] (greyscale repeated)."""
-    array = torch.from_numpy(np.asarray(pil).copy())
-    array = array.unsqueeze(2).expand(-1, -1, 3) if array.ndim == 2 else array
-    return array.permute(2, 0, 1).float().div_(255.0)
+def to_array(pil: Image.Image) -> np.ndarray:
+    """PIL 'L' or 'RGB' image -> new float32 3xHxW C-contiguous array in [0, 1] (grey repeated)."""
+    array = np.asarray(pil)
+    chw = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    chw = np.broadcast_to(chw, (3, *array.shape[:2]))
+    return np.divide(chw, np.float32(255.0), dtype=np.float32, order="C")
 
 
 def centre_crop_box(width: int, height: int, resize: int, size: int
@@ -93,18 +96,29 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
     return left, top, left + w, top + h
 
 
-def colour_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation: float
-                  ) -> torch.Tensor:
-    """PIL ImageEnhance Brightness, Contrast, Color with the given factors, clipped after each.
+def _luma(x: np.ndarray) -> np.ndarray:
+    # Elementwise rather than a matrix product, which could hand the work to BLAS threads.
+    return _LUMA[0] * x[0] + _LUMA[1] * x[1] + _LUMA[2] * x[2]
 
-    Contrast blends with the mean luma of the whole image, Color with the per-pixel luma; on a
-    greyscale image (equal channels) Color is the identity, as in PIL.
+
+def _blend_(x: np.ndarray, base: np.ndarray | np.float32, factor: float) -> np.ndarray:
+    """In place: base + factor * (x - base), clipped to [0, 1] (PIL's Image.blend + uint8 clip)."""
+    x -= base
+    x *= np.float32(factor)
+    x += base
+    return np.clip(x, 0.0, 1.0, out=x)
+
+
+def colour_jitter(x: np.ndarray, brightness: float, contrast: float, saturation: float
+                  ) -> np.ndarray:
+    """PIL ImageEnhance Brightness, Contrast, Color on a float 3xHxW array, in place.
+
+    Brightness blends with black, Contrast with the mean luma of the whole image, Color with the
+    per-pixel luma (the identity on a greyscale image, as in PIL); each result is clipped.
     """
-    x = (x * brightness).clamp_(0.0, 1.0)
-    mean = (x * _LUMA).sum(0).mean()
-    x = torch.lerp(mean.expand_as(x), x, contrast).clamp_(0.0, 1.0)
-    luma = (x * _LUMA).sum(0, keepdim=True)
-    return torch.lerp(luma.expand_as(x), x, saturation).clamp_(0.0, 1.0)
+    _blend_(x, np.float32(0.0), brightness)
+    _blend_(x, np.float32(_luma(x).mean()), contrast)
+    return _blend_(x, _luma(x)[None], saturation)
 
 
 @dataclass(frozen=True)
@@ -126,7 +140,7 @@ class EvalTransform:
         pil = to_pil(image)
         box = centre_crop_box(pil.width, pil.height, self.resize, self.image_size)
         size = (self.image_size, self.image_size)
-        return to_tensor(pil.resize(size, _RESAMPLE, box=box))
+        return torch.from_numpy(to_array(pil.resize(size, _RESAMPLE, box=box)))
 
 
 @dataclass(frozen=True)
@@ -153,10 +167,11 @@ class TrainTransform:
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         pil = to_pil(image)
         box = random_resized_crop_box(pil.width, pil.height, self.scale, self.ratio, rng)
-        x = to_tensor(pil.resize((self.image_size, self.image_size), _RESAMPLE, box=box))
+        pil = pil.resize((self.image_size, self.image_size), _RESAMPLE, box=box)
         factors = 1.0 + self.jitter * rng.uniform(-1.0, 1.0, size=3)
-        x = colour_jitter(x, *(float(f) for f in factors))
-        return x.flip(-1) if rng.uniform() < self.flip_p else x
+        if rng.uniform() < self.flip_p:  # before the jitter, which does not depend on position
+            pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(colour_jitter(to_array(pil), *factors))
 
 
 def train_transform(image_size: int = 128) -> TrainTransform:
