@@ -1,6 +1,7 @@
 """Helpers shared by every workflow file: config checks, paths and target lists."""
 
 import json
+import shlex
 
 from amt.config import check_config, raw_folder
 from data_prep.sources import FETCHED
@@ -12,6 +13,24 @@ DOMAINS = list(config["domains"])
 EVAL_SETTINGS = config["evaluate"]["settings"]
 EPISODE_KINDS = ["test", "valid"]
 CONDA_ENV = "../envs/amt.yaml"  # relative to rules/; the environment of every rule
+
+
+def convert_inputs(domain):
+    """Files a conversion depends on: a fetched raw folder, and a split file if one is given."""
+    spec = config["domains"][domain]
+    inputs = [raw_folder(config, domain)] if spec["source"] in FETCHED else []
+    if "split_file" in spec.get("options", {}):
+        inputs.append(spec["options"]["split_file"])
+    return inputs
+
+
+def converter_options(domain):
+    """Source-specific options as shell-quoted --option KEY=VALUE arguments."""
+    options = config["domains"][domain].get("options", {})
+    return " ".join(
+        f"--option {shlex.quote(f'{key}={json.dumps(value)}')}"
+        for key, value in options.items()
+    )
 
 
 def domain_file(domain):

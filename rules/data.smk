@@ -23,7 +23,7 @@ for _domain, _spec in config["domains"].items():
         name:
             f"convert_{_domain}"
         input:
-            [_raw] if _spec["source"] in FETCHED else [],
+            convert_inputs(_domain),
         output:
             h5=domain_file(_domain),
             report=f"{domain_file(_domain)}.report.json",
@@ -39,9 +39,7 @@ for _domain, _spec in config["domains"].items():
             short_side=(
                 f"--short-side {_spec['short_side']}" if "short_side" in _spec else ""
             ),
-            options=" ".join(
-                f"--option {k}={v}" for k, v in _spec.get("options", {}).items()
-            ),
+            options=converter_options(_domain),
         threads: _spec.get("workers", config["workers"])
         resources:
             mem_mb=4000,
