@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES = ("amt.report",)
 
 
 def cmd_episodes(args: argparse.Namespace) -> int:

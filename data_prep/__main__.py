@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (StoreError, FileNotFoundError, KeyError, ValueError) as err:
+    except (StoreError, FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

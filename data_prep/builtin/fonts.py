@@ -1,9 +1,11 @@
 """Font files as glyph sources: discovery, which code points a font really draws, master bitmaps.
 
 A font "draws" a code point when its cmap maps it to a real glyph: not ``.notdef``, not a
-fallback placeholder shared by many code points (LastResort maps all of Unicode to a few hundred
-boxes), not a glyph whose standard name says it is another character (the TeX fonts map ASCII
-to arrows and delimiters), and the rendered bitmap is neither empty nor the font's ``.notdef``.
+fallback placeholder shared by many code points, not a glyph whose standard (AGL) name says it
+is another character, and the rendered bitmap is neither empty nor the font's ``.notdef``. A font
+where more than ``UNTRUSTED_SHARE`` of the cmap fails the first three checks is not a Unicode
+font and draws nothing: LastResort maps all of Unicode to a few hundred placeholder boxes, the
+TeX fonts map ASCII to arrows, delimiters and calligraphic capitals.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 FONT_SUFFIXES = (".ttf", ".otf")
 PLACEHOLDER_SHARE = 16  # a glyph reached from more code points than this is a fallback box
+UNTRUSTED_SHARE = 0.05  # a font with more placeholder or misnamed entries is wholly distrusted
 _NOTDEF_PROBE = 0x10FFFD  # a private-use code point real fonts leave unmapped
 
 
@@ -62,17 +65,23 @@ def _read_font(path: Path) -> FontFile:
     except (TTLibError, OSError, AssertionError) as err:
         raise ValueError(f"{path}: not a readable TrueType/OpenType font ({err})") from err
     shares = Counter(cmap.values())
-    mapped = frozenset(cp for cp, glyph in cmap.items()
-                       if glyph != ".notdef" and shares[glyph] <= PLACEHOLDER_SHARE
-                       and not _names_other_char(glyph, cp))
-    return FontFile(str(path), hashlib.sha256(path.read_bytes()).hexdigest(), mapped)
+    usable = {cp for cp, glyph in cmap.items()
+              if glyph != ".notdef" and shares[glyph] <= PLACEHOLDER_SHARE}
+    trusted = {cp for cp in usable if not _names_other_char(cmap[cp], cp)}
+    if len(trusted) < (1 - UNTRUSTED_SHARE) * len(cmap):
+        trusted = set()  # a fallback font or a private encoding, not a Unicode font
+    return FontFile(str(path), hashlib.sha256(path.read_bytes()).hexdigest(), frozenset(trusted))
 
 
 def _names_other_char(glyph: str, cp: int) -> bool:
-    """True when the glyph's standard (AGL) name decodes to a different character."""
+    """True when the glyph's standard (AGL) name decodes to a different character.
+
+    Adobe's names for TeX delimiter pieces decode to private-use code points, so those count as
+    other characters too; a name that decodes to nothing or to several characters says nothing.
+    """
     named = agl.toUnicode(glyph)
-    if len(named) != 1 or unicodedata.category(named) == "Co":
-        return False  # unknown or private-use names say nothing
+    if len(named) != 1:
+        return False
     return unicodedata.normalize("NFKC", named) != unicodedata.normalize("NFKC", chr(cp))
 
 
@@ -98,18 +107,25 @@ def render_ink(path: str, char: str, px: int, stroke: int = 0) -> np.ndarray:
     return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
+def _mask(path: str, char: str, px: int) -> tuple[tuple[int, int], bytes] | None:
+    """FreeType's coverage mask of ``char`` (size, bytes); None when it has no ink."""
+    mask = pil_font(path, px).getmask(char)
+    if mask.getbbox() is None:
+        return None
+    return mask.size, Image.Image()._new(mask).tobytes()
+
+
 @lru_cache(maxsize=64)
-def _notdef(path: str, px: int) -> bytes:
-    ink = render_ink(path, chr(_NOTDEF_PROBE), px)
-    return ink.tobytes() + bytes(ink.shape)
+def _notdef(path: str, px: int) -> tuple[tuple[int, int], bytes] | None:
+    return _mask(path, chr(_NOTDEF_PROBE), px)
 
 
-def draws(font: FontFile, char: str, px: int = 32) -> bool:
+def draws(font: FontFile, char: str, px: int = 24) -> bool:
     """Whether ``font`` really draws ``char``: mapped, and rendered neither blank nor .notdef."""
     if ord(char) not in font.mapped:
         return False
-    ink = render_ink(font.path, char, px)
-    return ink.size > 0 and ink.tobytes() + bytes(ink.shape) != _notdef(font.path, px)
+    mask = _mask(font.path, char, px)
+    return mask is not None and mask != _notdef(font.path, px)
 
 
 def fit_square(ink: np.ndarray, side: int) -> np.ndarray:

@@ -1,0 +1,47 @@
+"""Tables and figures from tidy evaluation results: ``python -m amt report``.
+
+Modules: ``results`` (the tidy formats and their loaders), ``stats`` (mean ± CI, paired
+differences), ``tables`` (table specs and their CSV/Markdown/LaTeX), ``figures`` (seaborn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Load and validate the results (and spectra), then write every table and figure; 1 when
+    an input file is missing or malformed (the log names the file and the problem)."""
+    from amt.report.figures import build_figures
+    from amt.report.results import ResultsError, load_results, load_spectra
+    from amt.report.tables import build_tables
+
+    try:
+        results = load_results(args.results)
+        spectra = load_spectra(args.spectra) if args.spectra else None
+    except (ResultsError, FileNotFoundError) as error:
+        log.error("report: %s", error)
+        return 1
+    tables = build_tables(results, args.tables_dir, reference=args.reference_method)
+    figures = build_figures(results, spectra, args.figures_dir)
+    log.info("report: %d table files in %s, %d figure files in %s", len(tables),
+             args.tables_dir, len(figures), args.figures_dir)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``report`` subcommand."""
+    parser = subparsers.add_parser("report", help="tables and figures from tidy results CSVs")
+    parser.add_argument("--results", type=Path, nargs="+", required=True, metavar="CSV",
+                        help="tidy results files, one per evaluation job")
+    parser.add_argument("--spectra", type=Path, nargs="+", default=[], metavar="CSV",
+                        help="singular-value spectra of merged weights (optional)")
+    parser.add_argument("--tables-dir", type=Path, required=True, metavar="DIR")
+    parser.add_argument("--figures-dir", type=Path, required=True, metavar="DIR")
+    parser.add_argument("--reference-method", default="pm",
+                        help="method the paired-difference tables subtract (default: pm)")
+    parser.set_defaults(func=cmd_report)

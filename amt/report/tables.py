@@ -1,0 +1,398 @@
+"""The paper's tables from tidy results: specs are data, one builder renders them all.
+
+Every table is written as CSV (numbers in %, columns ``<column>_mean``, ``<column>_ci``,
+``<column>_n``), Markdown and LaTeX (booktabs; cells ``mean ± CI`` in %, best per column in
+bold), one per (benchmark, backbone, setting) and, for the ``domains`` layout, per condition.
+``tables.md`` indexes them with captions and lists every note: tables skipped because none of
+their methods has results, methods absent from a table, cells without results.
+
+Layouts:
+- ``domains``: rows methods, columns the domains (in-domain first), then the in-domain and
+  out-of-domain averages (mean of per-domain means, ± √(Σ ci²)/D) for a kind with 2+ domains.
+- ``conditions``: rows methods, columns the conditions (clean, then each attack/norm/eps); a cell
+  is the average over the out-of-domain targets (all domains when there is none).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from amt.report.results import (
+    GROUP,
+    METHOD_LABELS,
+    condition_label,
+    condition_slug,
+    conditions,
+    method_label,
+    require_results,
+    select_condition,
+)
+from amt.report.stats import Estimate, mean_of_means, paired_difference, summarise
+
+log = logging.getLogger(__name__)
+
+MAIN_METHODS = ("pm", "pmf", "lora", "amt", "amt_ft")
+ID_AVG, OOD_AVG = "in-domain avg", "out-of-domain avg"
+Cells = dict[tuple[str, str], Estimate]
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What a table shows; ``build_tables`` turns each spec into zero or more tables."""
+
+    name: str
+    title: str
+    methods: tuple[str, ...] | None  # rows in order; None: every method but the reference
+    kinds: tuple[str, ...]  # condition kinds covered: clean, adversarial
+    layout: str = "domains"  # or "conditions"
+    anchor: str | None = None  # a row shown for comparison; does not make a table on its own
+    difference: bool = False  # cells are paired differences to the reference method
+    labels: dict[str, str] = field(default_factory=dict)  # row labels overriding METHOD_LABELS
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("domains", "conditions"):
+            raise ValueError(f"table {self.name}: layout {self.layout!r}; expected domains or "
+                             "conditions")
+        if self.difference != (self.methods is None):
+            raise ValueError(f"table {self.name}: methods must be None exactly when the table "
+                             "shows differences (then every method is a row)")
+        if self.difference and self.layout != "domains":
+            raise ValueError(f"table {self.name}: differences need layout domains")
+
+
+_BOTH = ("clean", "adversarial")
+TABLES: tuple[TableSpec, ...] = (
+    TableSpec("clean", "Clean accuracy", MAIN_METHODS, ("clean",)),
+    TableSpec("adversarial", "Adversarial accuracy", MAIN_METHODS, ("adversarial",)),
+    TableSpec("ablation", "Ablation of AMT's components",
+              ("amt_no_apq", "amt_no_apsv", "amt_no_ttm", "amt_no_str"), _BOTH, "conditions",
+              anchor="amt"),
+    TableSpec("merging", "Test-time merging strategies",
+              ("amt_weight_avg", "amt_logit_avg", "amt_single_best"), _BOTH, "conditions",
+              anchor="amt", labels={"amt": "AMT (TTM)"}),
+    TableSpec("pool", "LoRA pool strategies", ("amt_pool_uniform", "amt_pool_random"), _BOTH,
+              "conditions", anchor="amt", labels={"amt": "separate pool (AMT)"}),
+    TableSpec("difference", "Paired difference to the reference method", None, _BOTH,
+              difference=True),
+)
+
+
+@dataclass
+class Table:
+    """A rendered-ready table: cells keyed by (row, column) id; a missing key is a missing cell."""
+
+    stem: str
+    caption: str
+    rows: list[str]
+    row_labels: list[str]
+    columns: list[str]
+    column_labels: list[str]
+    cells: Cells
+    signed: bool = False
+
+
+# -- data selection -------------------------------------------------------------------------------
+def ordered_methods(methods: set[str]) -> list[str]:
+    """Known methods in the canonical order, then the others alphabetically."""
+    known = [m for m in METHOD_LABELS if m in methods]
+    return known + sorted(methods - set(known))
+
+
+def ordered_domains(data: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(in-domain, out-of-domain) domains in order of appearance."""
+    pairs = data[["domain", "in_domain"]].drop_duplicates("domain")
+    return (pairs.domain[pairs.in_domain].tolist(), pairs.domain[~pairs.in_domain].tolist())
+
+
+def _rows(spec: TableSpec, present: set[str], reference: str) -> list[str]:
+    if spec.difference:
+        return [m for m in ordered_methods(present) if m != reference] if reference in present \
+            else []
+    shown = [m for m in spec.methods if m in present]
+    if not shown:
+        return []
+    return ([spec.anchor] if spec.anchor in present else []) + shown
+
+
+def _episodes(data: pd.DataFrame, method: str, domain: str) -> pd.Series:
+    rows = data[(data.method == method) & (data.domain == domain)]
+    return rows.set_index("episode")["accuracy"]
+
+
+def domain_cells(data: pd.DataFrame, rows: Sequence[str], domains: Sequence[str],
+                 reference: str | None = None, label: str = "") -> Cells:
+    """Per (method, domain) estimate of one condition's rows; paired to ``reference`` if given."""
+    if reference is None:
+        summary = summarise(data[data.method.isin(rows)], ["method", "domain"])
+        return {(r.method, r.domain): Estimate(r.mean, r.ci, int(r.n))
+                for r in summary.itertuples(index=False)}
+    cells: Cells = {}
+    for method in rows:
+        for domain in domains:
+            a, b = _episodes(data, method, domain), _episodes(data, reference, domain)
+            if len(a) and len(b):
+                cells[method, domain] = paired_difference(
+                    a, b, f"{method} vs {reference}, {label}, {domain}")
+    return cells
+
+
+def average_cell(cells: Cells, row: str, domains: Sequence[str]) -> Estimate | None:
+    """Mean of the row's per-domain estimates; None unless every domain has one."""
+    found = [cells.get((row, d)) for d in domains]
+    return None if any(e is None for e in found) else mean_of_means(found)
+
+
+def target_domains(data: pd.DataFrame) -> tuple[list[str], str]:
+    """The out-of-domain targets (all domains when there is none) and how to say so."""
+    in_domain, out_domain = ordered_domains(data)
+    if out_domain:
+        return out_domain, f"averaged over {len(out_domain)} out-of-domain targets"
+    return in_domain, f"averaged over {len(in_domain)} domains (none is out-of-domain)"
+
+
+# -- building -------------------------------------------------------------------------------------
+def _stem(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "_".join(parts))
+
+
+def _missing_note(table: Table) -> str | None:
+    missing = {}
+    for row in table.rows:
+        gaps = [c for c in table.columns if (row, c) not in table.cells]
+        if gaps:
+            missing[row] = gaps
+    if not missing:
+        return None
+    listed = "; ".join(f"{row}: {', '.join(gaps)}" for row, gaps in missing.items())
+    return f"table {table.stem}: cells without results (shown as –): {listed}"
+
+
+def _labels(spec: TableSpec, rows: list[str]) -> list[str]:
+    return [spec.labels.get(m, method_label(m)) for m in rows]
+
+
+def _caption(spec: TableSpec, group: tuple, reference: str, extra: str) -> str:
+    unit = f"percentage points, minus {method_label(reference)}" if spec.difference else "%"
+    return f"{spec.title} ({unit}); {', '.join(map(str, group))}; {extra}"
+
+
+def _domains_table(spec: TableSpec, data: pd.DataFrame, group: tuple,
+                   condition: tuple[str, str, float], rows: list[str],
+                   reference: str) -> Table:
+    in_domain, out_domain = ordered_domains(data[data.method.isin([*rows, reference])])
+    domains = in_domain + out_domain
+    label = condition_label(*condition)
+    cells = domain_cells(data, rows, domains, reference if spec.difference else None,
+                         f"{'/'.join(map(str, group))}, {label}")
+    columns, column_labels = list(domains), list(domains)
+    for name, kind in ((ID_AVG, in_domain), (OOD_AVG, out_domain)):
+        if len(kind) >= 2:
+            columns.append(name)
+            column_labels.append(name)
+            for row in rows:
+                estimate = average_cell(cells, row, kind)
+                if estimate is not None:
+                    cells[row, name] = estimate
+    where = f"; in-domain: {', '.join(in_domain)}" if in_domain else ""
+    return Table(_stem(spec.name, *map(str, group), condition_slug(*condition)),
+                 _caption(spec, group, reference, label + where), rows, _labels(spec, rows),
+                 columns, column_labels, cells, signed=spec.difference)
+
+
+def _conditions_table(spec: TableSpec, data: pd.DataFrame, group: tuple, rows: list[str],
+                      reference: str) -> Table:
+    shown = data[data.method.isin(rows)]
+    targets, how = target_domains(shown)
+    found = conditions(shown, spec.kinds)
+    cells: Cells = {}
+    for condition in found:
+        per_domain = domain_cells(select_condition(shown, condition), rows, targets)
+        slug = condition_slug(*condition)
+        for row in rows:
+            estimate = average_cell(per_domain, row, targets)
+            if estimate is not None:
+                cells[row, slug] = estimate
+    return Table(_stem(spec.name, *map(str, group)),
+                 _caption(spec, group, reference, f"{how} ({', '.join(targets)})"), rows,
+                 _labels(spec, rows), [condition_slug(*c) for c in found],
+                 [condition_label(*c) for c in found], cells)
+
+
+def spec_tables(spec: TableSpec, results: pd.DataFrame, notes: list[str],
+                reference: str = "pm") -> list[Table]:
+    """Every table of ``spec`` the results support; notes what is skipped or missing."""
+    tables = []
+    for group, data in results.groupby(list(GROUP), sort=False):
+        slices = ([(data, None)] if spec.layout == "conditions" else
+                  [(select_condition(data, c), c) for c in conditions(data, spec.kinds)])
+        for part, condition in slices:
+            present = set(part.method)
+            rows = _rows(spec, present, reference)
+            if not rows:
+                continue
+            table = (_conditions_table(spec, part, group, rows, reference) if condition is None
+                     else _domains_table(spec, part, group, condition, rows, reference))
+            if not table.columns:
+                continue
+            wanted = (spec.anchor,) * bool(spec.anchor) + (spec.methods or ())
+            absent = [m for m in wanted if m not in present]
+            if absent:
+                notes.append(f"table {table.stem}: methods without results: {', '.join(absent)}")
+            if note := _missing_note(table):
+                notes.append(note)
+            tables.append(table)
+    if not tables:
+        notes.append(f"table {spec.name!r} skipped: {_skip_reason(spec, results, reference)}")
+    return tables
+
+
+def _skip_reason(spec: TableSpec, results: pd.DataFrame, reference: str) -> str:
+    if spec.difference:
+        return (f"needs the reference method {reference!r} and another method under the same "
+                f"condition ({' or '.join(spec.kinds)}); methods present: "
+                f"{ordered_methods(set(results.method))}")
+    return (f"none of its methods {list(spec.methods)} has {' or '.join(spec.kinds)} results "
+            f"(methods present: {ordered_methods(set(results.method))})")
+
+
+def _uncovered(results: pd.DataFrame, specs: Sequence[TableSpec], reference: str) -> list[str]:
+    """Say where results that no accuracy table shows end up."""
+    named = {m for s in specs for m in (*(s.methods or ()), s.anchor) if m}
+    notes = []
+    if extra := set(results.method) - named - {reference}:
+        notes.append(f"methods in no accuracy table (see the difference tables): "
+                     f"{', '.join(ordered_methods(extra))}")
+    if (results.norm == "corruption").any():
+        notes.append("corruption rows are shown in the corruption figures, not in tables")
+    return notes
+
+
+# -- rendering ------------------------------------------------------------------------------------
+def _number(value: float, signed: bool) -> str:
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
+def best_cells(table: Table) -> set[tuple[str, str]]:
+    """Per column, the cells whose displayed mean is the highest (ties all bold)."""
+    best = set()
+    for column in table.columns:
+        shown = {row: round(100 * table.cells[row, column].mean, 2) for row in table.rows
+                 if (row, column) in table.cells}
+        if shown:
+            top = max(shown.values())
+            best |= {(row, column) for row, value in shown.items() if value == top}
+    return best
+
+
+def _cell_text(table: Table, row: str, column: str) -> tuple[str, str] | None:
+    estimate = table.cells.get((row, column))
+    if estimate is None:
+        return None
+    return _number(estimate.mean, table.signed), f"{100 * estimate.ci:.2f}"
+
+
+def to_markdown(table: Table) -> str:
+    best = best_cells(table)
+    lines = [f"**{table.caption}**", "",
+             "| Method | " + " | ".join(table.column_labels) + " |",
+             "|---|" + "---:|" * len(table.columns)]
+    for row, label in zip(table.rows, table.row_labels, strict=True):
+        cells = []
+        for column in table.columns:
+            text = _cell_text(table, row, column)
+            cell = "–" if text is None else f"{text[0]} ± {text[1]}"
+            cells.append(f"**{cell}**" if (row, column) in best else cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#",
+                  "$": r"\$", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                  "^": r"\textasciicircum{}", "ℓ": r"$\ell$", "∞": r"$\infty$",
+                  "ε": r"$\varepsilon$", "–": "--", "·": r"$\cdot$", "±": r"$\pm$"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(char, char) for char in text)
+
+
+def to_latex(table: Table) -> str:
+    best = best_cells(table)
+    lines = ["% needs \\usepackage{booktabs}", r"\begin{table}[t]", r"\centering",
+             rf"\caption{{{latex_escape(table.caption)}}}",
+             rf"\label{{tab:{table.stem}}}",
+             rf"\begin{{tabular}}{{l{'c' * len(table.columns)}}}", r"\toprule",
+             " & ".join(["Method", *map(latex_escape, table.column_labels)]) + r" \\",
+             r"\midrule"]
+    for row, label in zip(table.rows, table.row_labels, strict=True):
+        cells = [latex_escape(label)]
+        for column in table.columns:
+            text = _cell_text(table, row, column)
+            if text is None:
+                cells.append("--")
+            elif (row, column) in best:
+                cells.append(rf"$\mathbf{{{text[0]} \pm {text[1]}}}$")
+            else:
+                cells.append(rf"${text[0]} \pm {text[1]}$")
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_frame(table: Table) -> pd.DataFrame:
+    """Numbers in % (points for differences); empty where a cell has no results."""
+    records = []
+    for row in table.rows:
+        record: dict[str, object] = {"method": row}
+        for column in table.columns:
+            estimate = table.cells.get((row, column))
+            record[f"{column}_mean"] = np.nan if estimate is None else 100 * estimate.mean
+            record[f"{column}_ci"] = np.nan if estimate is None else 100 * estimate.ci
+            record[f"{column}_n"] = pd.NA if estimate is None else estimate.n
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def write_table(table: Table, out_dir: Path) -> list[Path]:
+    paths = [out_dir / f"{table.stem}.{suffix}" for suffix in ("csv", "md", "tex")]
+    to_frame(table).to_csv(paths[0], index=False, float_format="%.4f")
+    paths[1].write_text(to_markdown(table), encoding="utf-8")
+    paths[2].write_text(to_latex(table), encoding="utf-8")
+    return paths
+
+
+def _index(tables: list[Table], notes: list[str], reference: str) -> str:
+    lines = ["# Tables", "",
+             "Cells: mean ± 95% CI over test episodes, 1.96 · std / √n with std = np.std "
+             "(ddof=0), in %. Averages: mean of per-domain means, ± √(Σ CI²) / domains. "
+             f"Differences: paired on shared episodes, minus {method_label(reference)}. "
+             "Bold: best per column.", ""]
+    lines += [f"- [{t.stem}]({t.stem}.md) ([csv]({t.stem}.csv), [tex]({t.stem}.tex)): "
+              f"{t.caption}" for t in tables]
+    lines += ["", "## Notes", ""] + ([f"- {n}" for n in notes] or ["- none"])
+    return "\n".join(lines) + "\n"
+
+
+def build_tables(results: pd.DataFrame, out_dir: Path, reference: str = "pm",
+                 specs: Sequence[TableSpec] = TABLES) -> list[Path]:
+    """Write every table the results support and ``tables.md``; return the paths written."""
+    require_results(results)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    tables = [t for spec in specs for t in spec_tables(spec, results, notes, reference)]
+    notes += _uncovered(results, specs, reference)
+    for note in notes:
+        log.warning("%s", note)
+    paths = [p for table in tables for p in write_table(table, out_dir)]
+    index = out_dir / "tables.md"
+    index.write_text(_index(tables, notes, reference), encoding="utf-8")
+    log.info("wrote %d tables to %s", len(tables), out_dir)
+    return [*paths, index]

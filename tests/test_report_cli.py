@@ -1,0 +1,68 @@
+"""``python -m amt report`` as the workflow calls it: files in, tables and figures out."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import pytest
+from test_report_results import synthetic_results, synthetic_spectra
+
+from amt.report import register
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amt")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> tuple[list[Path], Path]:
+    """Two job files (clean and PGD rows of pm and amt) and a spectra file."""
+    results = synthetic_results(episodes=4)
+    results = results[(results.benchmark == "bscd") & (results.setting == "5w5s")
+                      & results.method.isin(["pm", "amt"]) & (results.norm != "corruption")
+                      & results.domain.isin(["src", "eurosat", "isic"])]
+    jobs = [tmp_path / "clean.csv", tmp_path / "pgd.csv"]
+    results[results.norm == "none"].to_csv(jobs[0], index=False)
+    results[results.norm == "linf"].to_csv(jobs[1], index=False)
+    spectra = tmp_path / "spectra.csv"
+    synthetic_spectra(layers=2, rank=4).query("domain == 'mnist'").to_csv(spectra, index=False)
+    return jobs, spectra
+
+
+def test_report_writes_tables_and_figures(tmp_path: Path, inputs) -> None:
+    jobs, spectra = inputs
+    args = _parser().parse_args(
+        ["report", "--results", *map(str, jobs), "--spectra", str(spectra),
+         "--tables-dir", str(tmp_path / "tables"), "--figures-dir", str(tmp_path / "figures"),
+         "--reference-method", "pm"])
+    assert args.func(args) == 0
+    tables = {p.name for p in (tmp_path / "tables").iterdir()}
+    assert {"tables.md", "clean_bscd_dino_5w5s_clean.md",
+            "adversarial_bscd_dino_5w5s_pgd_linf_4-255.tex",
+            "difference_bscd_dino_5w5s_pgd_linf_2-255.csv"} <= tables
+    figures = {p.name for p in (tmp_path / "figures").iterdir()}
+    assert figures == {f"{stem}.{ext}" for ext in ("png", "pdf")
+                       for stem in ("clean_vs_adv_bscd_dino_5w5s",
+                                    "eps_curve_bscd_dino_5w5s_pgd_linf", "spectra_mnist")}
+
+
+def test_report_fails_cleanly_on_a_bad_file(tmp_path: Path, inputs,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    jobs, _ = inputs
+    bad = tmp_path / "bad.csv"
+    bad.write_text(jobs[0].read_text().replace("accuracy", "acc", 1))
+    args = _parser().parse_args(["report", "--results", str(bad), "--tables-dir",
+                                 str(tmp_path / "t"), "--figures-dir", str(tmp_path / "f")])
+    with caplog.at_level(logging.ERROR):
+        assert args.func(args) == 1
+    assert "bad.csv: missing column(s) ['accuracy']" in caplog.text
+    assert not (tmp_path / "t").exists()
+
+
+def test_report_requires_results_and_directories() -> None:
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["report", "--tables-dir", "t", "--figures-dir", "f"])

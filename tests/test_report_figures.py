@@ -1,0 +1,190 @@
+"""Figures under the installed pandas 3 + seaborn: drawn values read back and checked."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.colors import to_rgb
+from matplotlib.container import BarContainer, ErrorbarContainer
+from PIL import Image
+from test_report_results import synthetic_results, synthetic_spectra
+
+from amt.report.figures import (
+    build_figures,
+    clean_vs_adversarial,
+    corruption_bars,
+    eps_curves,
+    method_palette,
+    spectra_figures,
+    table_bars,
+)
+from amt.report.results import parse_spectra
+from amt.report.tables import TABLES, spec_tables
+
+DOMAINS = ["glyphs", "mnist", "digits", "animals"]
+MAIN = ["pm", "lora", "amt"]
+
+
+@pytest.fixture(scope="module")
+def small() -> pd.DataFrame:
+    """One (benchmark, backbone, setting) group of the synthetic results."""
+    results = synthetic_results()
+    return results[(results.benchmark == "builtin") & (results.setting == "5w1s")] \
+        .reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def palette(small: pd.DataFrame) -> dict:
+    return method_palette(set(small.method))
+
+
+def _mean_ci(values: np.ndarray) -> tuple[float, float]:
+    return 100 * values.mean(), 100 * 1.96 * np.std(values) / math.sqrt(len(values))
+
+
+def _accuracy(frame: pd.DataFrame, **where) -> np.ndarray:
+    for column, value in where.items():
+        frame = frame[frame[column] == value]
+    return frame.sort_values("episode").accuracy.to_numpy()
+
+
+def _bars(ax) -> list[list]:
+    return [list(c) for c in ax.containers if isinstance(c, BarContainer)]
+
+
+def _whiskers(ax) -> dict[float, tuple[float, float]]:
+    """Bar centre -> (low, high) of its CI whisker."""
+    ends = {}
+    for container in ax.containers:
+        if isinstance(container, ErrorbarContainer):
+            (x, low), (_, high) = container.lines[2][0].get_segments()[0]
+            ends[round(float(x), 6)] = (low, high)
+    return ends
+
+
+def test_results_use_pandas3_string_columns(small: pd.DataFrame) -> None:
+    # the seaborn#3893 situation: string columns are not object dtype
+    assert pd.api.types.is_string_dtype(small.method) and small.method.dtype != object
+
+
+def test_clean_vs_adversarial_bars_whiskers_and_colours(small: pd.DataFrame,
+                                                        palette: dict) -> None:
+    [(stem, figure)] = list(clean_vs_adversarial(small, palette))
+    assert stem == "clean_vs_adv_builtin_dino_5w1s"
+    assert [ax.get_title() for ax in figure.axes] == ["clean", "PGD ℓ∞ ε=2/255", "PGD ℓ∞ ε=4/255"]
+    for ax, where in zip(figure.axes, [{"norm": "none"}, {"eps": 2 / 255}, {"eps": 4 / 255}],
+                         strict=True):
+        whiskers = _whiskers(ax)
+        for method, bars in zip(MAIN, _bars(ax), strict=True):
+            for domain, bar in zip(DOMAINS, bars, strict=True):
+                mean, ci = _mean_ci(_accuracy(small, method=method, domain=domain, **where))
+                centre = round(bar.get_x() + bar.get_width() / 2, 6)
+                assert bar.get_height() == pytest.approx(mean)
+                assert whiskers[centre] == pytest.approx((mean - ci, mean + ci))
+                assert bar.get_facecolor()[:3] == pytest.approx(palette[method])
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend == ["PM", "LoRA", "AMT"]
+    assert figure.axes[0].get_ylabel() == "Accuracy (%)"
+
+
+def test_eps_curves_lines_and_ci_bands(small: pd.DataFrame, palette: dict) -> None:
+    [(stem, figure)] = list(eps_curves(small, palette))
+    assert stem == "eps_curve_builtin_dino_5w1s_pgd_linf"
+    ax = figure.axes[DOMAINS.index("digits")]
+    assert ax.get_xlabel() == "ε (×1/255, ℓ∞)"
+    by_colour = {to_rgb(line.get_color()): line for line in ax.lines}
+    for method in MAIN:
+        line = by_colour[tuple(palette[method])]
+        assert list(line.get_xdata()) == pytest.approx([0, 2, 4])
+        expected = [_mean_ci(_accuracy(small, method=method, domain="digits", eps=eps))
+                    for eps in (0, 2 / 255, 4 / 255)]
+        assert list(line.get_ydata()) == pytest.approx([m for m, _ in expected])
+    # each band spans mean ± CI (not seaborn's default bootstrap interval)
+    bands = [c.get_paths()[0].vertices for c in ax.collections]
+    lows_at_zero = sorted(v[:, 1][v[:, 0] == 0].min() for v in bands)
+    expected = sorted(m - c for m, c in (_mean_ci(_accuracy(small, method=m, domain="digits",
+                                                            norm="none")) for m in MAIN))
+    assert lows_at_zero == pytest.approx(expected)
+
+
+def test_table_bars_show_the_table_numbers(small: pd.DataFrame, palette: dict) -> None:
+    figures = dict(table_bars(small, palette))
+    assert set(figures) == {"ablation_builtin_dino_5w1s", "merging_builtin_dino_5w1s",
+                            "pool_builtin_dino_5w1s"}
+    spec = next(s for s in TABLES if s.name == "ablation")
+    [table] = spec_tables(spec, small, [])
+    ax = figures["ablation_builtin_dino_5w1s"].axes[0]
+    for row, bars in zip(table.rows, _bars(ax), strict=True):
+        heights = [bar.get_height() for bar in bars]
+        assert heights == pytest.approx([100 * table.cells[row, c].mean for c in table.columns])
+    assert [t.get_text() for t in ax.get_xticklabels()] == table.column_labels
+
+
+def test_corruption_bars_average_severities_per_episode(small: pd.DataFrame, palette: dict) -> None:
+    [(stem, figure)] = list(corruption_bars(small, palette, []))
+    assert stem == "corruptions_builtin_dino_5w1s"
+    ax = figure.axes[DOMAINS.index("mnist")]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["clean", "contrast", "gaussian noise"]
+    rows = small[small.domain == "mnist"]
+    amt = _bars(ax)[MAIN.index("amt")]
+    severities = np.mean([_accuracy(rows, method="amt", attack="contrast", eps=s)
+                          for s in (1.0, 3.0)], axis=0)
+    assert amt[1].get_height() == pytest.approx(_mean_ci(severities)[0])
+    assert amt[0].get_height() == pytest.approx(_mean_ci(_accuracy(rows, method="amt",
+                                                                   norm="none"))[0])
+
+
+def test_uneven_severities_are_noted(small: pd.DataFrame, palette: dict) -> None:
+    drop = (small.method == "pm") & (small.attack == "contrast") & (small.eps == 3.0)
+    notes: list[str] = []
+    list(corruption_bars(small[~drop], palette, notes))
+    assert any("contrast severities differ by method" in n for n in notes)
+
+
+def test_spectra_panels_per_layer_and_lines_per_method() -> None:
+    spectra = parse_spectra(synthetic_spectra(layers=3).astype(str), "synthetic")
+    palette = method_palette(set(spectra.method))
+    figures = dict(spectra_figures(spectra, palette))
+    assert set(figures) == {"spectra_mnist", "spectra_eurosat"}
+    axes = figures["spectra_mnist"].axes
+    assert [ax.get_title() for ax in axes] == [f"blocks.{i}.mlp.fc1" for i in range(3)]
+    assert all(ax.get_yscale() == "log" and len(ax.lines) == 3 for ax in axes)
+    amt = spectra[(spectra.domain == "mnist") & (spectra.method == "amt")
+                  & (spectra.layer == "blocks.1.mlp.fc1")].singular_value.to_numpy()
+    line = next(ln for ln in axes[1].lines if to_rgb(ln.get_color()) == tuple(palette["amt"]))
+    assert list(line.get_ydata()) == pytest.approx(list(amt))
+
+
+def test_build_figures_writes_png_and_pdf(tmp_path: Path, small: pd.DataFrame,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    two_domains = small[small.domain.isin(["glyphs", "mnist"])]  # fewer panels, faster
+    with caplog.at_level(logging.WARNING):
+        paths = build_figures(two_domains, None, tmp_path)
+    stems = {p.stem for p in paths}
+    assert stems == {"clean_vs_adv_builtin_dino_5w1s", "eps_curve_builtin_dino_5w1s_pgd_linf",
+                     "ablation_builtin_dino_5w1s", "merging_builtin_dino_5w1s",
+                     "pool_builtin_dino_5w1s", "corruptions_builtin_dino_5w1s"}
+    assert len(paths) == 2 * len(stems)
+    for path in paths:
+        if path.suffix == ".png":
+            with Image.open(path) as image:
+                assert image.width > 400 and image.height > 200
+        else:
+            assert path.read_bytes().startswith(b"%PDF")
+    assert "singular-value spectra skipped: needs a spectra table" in caplog.text
+
+
+def test_figures_without_data_are_skipped_with_notes(tmp_path: Path, small: pd.DataFrame,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    clean = small[(small.norm == "none") & small.method.isin(MAIN)].reset_index(drop=True)
+    with caplog.at_level(logging.WARNING):
+        assert build_figures(clean, None, tmp_path) == []
+    for kind in ("clean-vs-adversarial bars", "accuracy-vs-eps curves",
+                 "ablation, merging and pool bars", "corruption bars"):
+        assert f"{kind} skipped: needs" in caplog.text
+    assert not list(tmp_path.iterdir())

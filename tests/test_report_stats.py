@@ -1,0 +1,87 @@
+"""Episode statistics: mean ± 95% CI (np.std, ddof=0) and paired differences."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from amt.report.stats import Estimate, mean_ci, mean_of_means, paired_difference, summarise
+
+
+def test_mean_ci_matches_numpy_with_population_std() -> None:
+    values = np.random.default_rng(0).uniform(0, 1, 37)
+    estimate = mean_ci(values)
+    assert estimate.n == 37
+    assert estimate.mean == pytest.approx(values.mean())
+    assert estimate.ci == pytest.approx(1.96 * np.std(values) / math.sqrt(37))
+    # ddof=0, as PMF/Meta-Dataset: narrower than the ddof=1 interval
+    assert estimate.ci < 1.96 * np.std(values, ddof=1) / math.sqrt(37)
+
+
+def test_mean_ci_of_one_value_and_of_nothing() -> None:
+    assert mean_ci([0.4]) == Estimate(0.4, 0.0, 1)
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        mean_ci([])
+
+
+def test_summarise_agrees_with_mean_ci_per_group() -> None:
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"method": np.repeat(["a", "b"], 20),
+                          "domain": np.tile(np.repeat(["x", "y"], 10), 2),
+                          "accuracy": rng.uniform(0, 1, 40)})
+    summary = summarise(frame, ["method", "domain"])
+    assert len(summary) == 4
+    for row in summary.itertuples(index=False):
+        values = frame.accuracy[(frame.method == row.method) & (frame.domain == row.domain)]
+        expected = mean_ci(values.to_numpy())
+        assert (row.mean, row.ci, row.n) == pytest.approx((expected.mean, expected.ci, 10))
+
+
+def test_mean_of_means_propagates_independent_cis() -> None:
+    average = mean_of_means([Estimate(0.5, 0.03, 10), Estimate(0.7, 0.04, 20)])
+    assert average.mean == pytest.approx(0.6)
+    assert average.ci == pytest.approx(math.sqrt(0.03**2 + 0.04**2) / 2)
+    assert average.n == 30
+
+
+def test_paired_difference_on_shared_episodes(caplog: pytest.LogCaptureFixture) -> None:
+    rng = np.random.default_rng(2)
+    a = pd.Series(rng.uniform(0, 1, 12), index=range(12))
+    b = pd.Series(rng.uniform(0, 1, 10), index=range(3, 13))  # episodes 3..12
+    with caplog.at_level(logging.WARNING):
+        diff = paired_difference(a, b, "amt vs pm")
+    shared = list(range(3, 12))
+    expected = a[shared].to_numpy() - b[shared].to_numpy()
+    assert (diff.n, diff.only_a, diff.only_b) == (9, 3, 1)
+    assert diff.mean == pytest.approx(expected.mean())
+    assert diff.ci == pytest.approx(1.96 * np.std(expected) / 3)
+    assert "amt vs pm: episode sets differ (3 only in the first, 1 only in the second)" \
+        in caplog.text
+
+
+def test_paired_difference_pairs_by_episode_not_position(caplog: pytest.LogCaptureFixture) -> None:
+    a = pd.Series([0.1, 0.9, 0.5], index=[0, 1, 2])
+    b = pd.Series([0.5, 0.1, 0.9], index=[2, 0, 1])  # same values, shuffled order
+    with caplog.at_level(logging.WARNING):
+        diff = paired_difference(a, b)
+    assert (diff.mean, diff.ci, diff.n) == (0.0, 0.0, 3)
+    assert caplog.text == ""
+
+
+def test_pairing_narrows_the_interval_for_correlated_methods() -> None:
+    rng = np.random.default_rng(3)
+    hardness = rng.uniform(0.3, 0.9, 200)
+    a = pd.Series(hardness + rng.normal(0.05, 0.02, 200))
+    b = pd.Series(hardness)
+    assert paired_difference(a, b).ci < 0.25 * mean_ci(a.to_numpy()).ci
+
+
+def test_paired_difference_errors() -> None:
+    with pytest.raises(ValueError, match="x: the two methods share no episode"):
+        paired_difference(pd.Series([0.1], index=[0]), pd.Series([0.2], index=[1]), "x")
+    with pytest.raises(ValueError, match="episodes of a are not unique"):
+        paired_difference(pd.Series([0.1, 0.2], index=[0, 0]), pd.Series([0.2], index=[0]))

@@ -1,0 +1,214 @@
+"""Tables: every spec built from synthetic results, numbers checked against numpy."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_report_results import synthetic_results
+
+from amt.report.results import validate_results
+from amt.report.tables import TABLES, TableSpec, build_tables
+
+
+@pytest.fixture(scope="module")
+def results() -> pd.DataFrame:
+    return synthetic_results()
+
+
+@pytest.fixture(scope="module")
+def built(results: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tables")
+    build_tables(results, out)
+    return out
+
+
+def markdown_cells(path: Path) -> dict[tuple[str, str], str]:
+    """(row label, column label) -> cell text without bold markers."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = {}
+    for line in lines[2:]:
+        values = [c.strip() for c in line.strip("|").split("|")]
+        for column, value in zip(header[1:], values[1:], strict=True):
+            cells[values[0], column] = value.replace("**", "")
+    return cells
+
+
+def expected_cell(values: np.ndarray, signed: bool = False) -> str:
+    mean = f"{100 * values.mean():+.2f}" if signed else f"{100 * values.mean():.2f}"
+    return f"{mean} ± {100 * 1.96 * np.std(values) / math.sqrt(len(values)):.2f}"
+
+
+def _episodes(results: pd.DataFrame, method: str, domain: str, **condition) -> pd.Series:
+    rows = results[(results.benchmark == "builtin") & (results.setting == "5w1s")
+                   & (results.method == method) & (results.domain == domain)]
+    for column, value in condition.items():
+        rows = rows[rows[column] == value]
+    return rows.set_index("episode")["accuracy"].sort_index()
+
+
+def test_every_spec_is_written_in_three_formats(built: Path) -> None:
+    for spec in TABLES:
+        stems = {p.stem for p in built.glob(f"{spec.name}_*.md")}
+        assert stems, f"no {spec.name} table"
+        for stem in stems:
+            assert (built / f"{stem}.csv").is_file() and (built / f"{stem}.tex").is_file()
+    # (a) one per (benchmark, setting); (b) one per eps; 2 benchmarks x 2 settings
+    assert len(list(built.glob("clean_*.md"))) == 4
+    assert len(list(built.glob("adversarial_*.md"))) == 8
+    assert (built / "adversarial_builtin_dino_5w1s_pgd_linf_2-255.md").is_file()
+
+
+def test_index_lists_every_table_and_the_notes(built: Path) -> None:
+    index = (built / "tables.md").read_text()
+    linked = set(re.findall(r"- \[([^\]]+)\]\(\1\.md\)", index))
+    assert linked == {p.stem for p in built.glob("*.md")} - {"tables"}
+    assert "methods without results: pmf, amt_ft" in index  # main methods not in the results
+
+
+def test_clean_cells_equal_mean_and_ci_over_episodes(built: Path, results: pd.DataFrame) -> None:
+    cells = markdown_cells(built / "clean_builtin_dino_5w1s_clean.md")
+    for method, label in (("pm", "PM"), ("lora", "LoRA"), ("amt", "AMT")):
+        per_domain = []
+        for domain in ("glyphs", "mnist", "digits", "animals"):
+            values = _episodes(results, method, domain, attack="none").to_numpy()
+            assert cells[label, domain] == expected_cell(values)
+            per_domain.append(values)
+        ood = per_domain[1:]  # glyphs is the in-domain source
+        mean = np.mean([v.mean() for v in ood])
+        ci = math.sqrt(sum((1.96 * np.std(v) / math.sqrt(len(v))) ** 2 for v in ood)) / 3
+        assert cells[label, "out-of-domain avg"] == f"{100 * mean:.2f} ± {100 * ci:.2f}"
+    assert ("PM", "in-domain avg") not in cells  # a single in-domain domain needs no average
+
+
+def test_adversarial_cells_use_the_chosen_eps(built: Path, results: pd.DataFrame) -> None:
+    cells = markdown_cells(built / "adversarial_builtin_dino_5w1s_pgd_linf_4-255.md")
+    values = _episodes(results, "amt", "mnist", norm="linf", eps=4 / 255).to_numpy()
+    assert cells["AMT", "mnist"] == expected_cell(values)
+
+
+def test_best_per_column_is_bold(built: Path) -> None:
+    lines = [line for line in (built / "clean_bscd_dino_5w5s_clean.md").read_text().splitlines()
+             if line.startswith("| ") and not line.startswith("| Method")]
+    rows = [[c.strip() for c in line.strip("|").split("|")][1:] for line in lines]
+    for column in zip(*rows, strict=True):
+        means = [float(c.replace("**", "").split(" ± ")[0]) for c in column]
+        bold = [c.startswith("**") for c in column]
+        assert bold == [m == max(means) for m in means]
+
+
+def test_difference_cells_are_paired_on_episodes(built: Path, results: pd.DataFrame) -> None:
+    cells = markdown_cells(built / "difference_builtin_dino_5w1s_pgd_linf_2-255.md")
+    condition = {"norm": "linf", "eps": 2 / 255}
+    diff = (_episodes(results, "amt", "digits", **condition)
+            - _episodes(results, "pm", "digits", **condition)).to_numpy()
+    assert cells["AMT", "digits"] == expected_cell(diff, signed=True)
+    assert ("PM", "digits") not in cells  # the reference is not a row
+    assert {row for row, _ in cells} == {"LoRA", "AMT", "AMT w/o TTM", "weight average",
+                                         "uniform pool"}
+
+
+def test_conditions_layout_averages_targets_per_condition(built: Path,
+                                                          results: pd.DataFrame) -> None:
+    cells = markdown_cells(built / "ablation_bscd_dino_5w1s.md")
+    assert {c for _, c in cells} == {"clean", "PGD ℓ∞ ε=2/255", "PGD ℓ∞ ε=4/255"}
+    rows = results[(results.benchmark == "bscd") & (results.setting == "5w1s")
+                   & (results.method == "amt_no_ttm") & (results.eps == 4 / 255)]
+    per_domain = [rows.accuracy[rows.domain == d].to_numpy() for d in ("eurosat", "isic", "chestx")]
+    mean = np.mean([v.mean() for v in per_domain])
+    ci = math.sqrt(sum((1.96 * np.std(v) / math.sqrt(10)) ** 2 for v in per_domain)) / 3
+    assert cells["AMT w/o TTM", "PGD ℓ∞ ε=4/255"] == f"{100 * mean:.2f} ± {100 * ci:.2f}"
+    assert ("AMT", "clean") in cells  # the anchor row
+    pool = markdown_cells(built / "pool_bscd_dino_5w1s.md")
+    assert {r for r, _ in pool} == {"separate pool (AMT)", "uniform pool"}
+
+
+def test_csv_holds_the_markdown_numbers(built: Path) -> None:
+    frame = pd.read_csv(built / "clean_builtin_dino_5w1s_clean.csv").set_index("method")
+    cells = markdown_cells(built / "clean_builtin_dino_5w1s_clean.md")
+    mean, ci = cells["LoRA", "mnist"].split(" ± ")
+    assert f"{frame.loc['lora', 'mnist_mean']:.2f}" == mean
+    assert f"{frame.loc['lora', 'mnist_ci']:.2f}" == ci
+    assert frame.loc["lora", "mnist_n"] == 10
+
+
+def test_latex_is_well_formed(built: Path) -> None:
+    for path in built.glob("*.tex"):
+        text = path.read_text()
+        unescaped = re.sub(r"\\[{}]", "", text)
+        assert unescaped.count("{") == unescaped.count("}"), path.name
+        assert text.count(r"\begin{") == text.count(r"\end{"), path.name
+        rows = [line for line in text.splitlines() if line.endswith(r"\\")]
+        columns = len(re.search(r"\\begin\{tabular\}\{(lc*)\}", text).group(1))
+        for row in rows:
+            assert row.count("&") - row.count(r"\&") == columns - 1, (path.name, row)
+            assert row.count("$") % 2 == 0, (path.name, row)
+        assert "_" not in re.sub(r"\\_|\\label\{[^}]*\}", "", text), path.name
+
+
+def test_missing_cells_are_dashes_with_a_note(tmp_path: Path, results: pd.DataFrame,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    gap = (results.method == "amt") & (results.domain == "digits")
+    with caplog.at_level(logging.WARNING):
+        build_tables(results[~gap].reset_index(drop=True), tmp_path)
+    cells = markdown_cells(tmp_path / "clean_builtin_dino_5w1s_clean.md")
+    assert cells["AMT", "digits"] == "–" and cells["AMT", "out-of-domain avg"] == "–"
+    assert cells["AMT", "mnist"] != "–"
+    note = ("table clean_builtin_dino_5w1s_clean: cells without results (shown as –): "
+            "amt: digits, out-of-domain avg")
+    assert note in caplog.text and note in (tmp_path / "tables.md").read_text()
+    assert r"AMT & $" in (tmp_path / "clean_builtin_dino_5w1s_clean.tex").read_text()
+
+
+def test_table_with_all_methods_absent_is_skipped_with_a_note(
+        tmp_path: Path, results: pd.DataFrame, caplog: pytest.LogCaptureFixture) -> None:
+    main_only = results[results.method.isin(["pm", "lora", "amt"])].reset_index(drop=True)
+    with caplog.at_level(logging.WARNING):
+        paths = build_tables(main_only, tmp_path)
+    for name in ("ablation", "merging", "pool"):
+        assert not list(tmp_path.glob(f"{name}_*")), name
+        assert f"table '{name}' skipped: none of its methods" in caplog.text
+    assert "table 'pool' skipped" in (tmp_path / "tables.md").read_text()
+    assert tmp_path / "tables.md" in paths and len(paths) == 1 + 3 * (4 + 8 + 12)
+
+
+def test_difference_without_reference_is_skipped(tmp_path: Path, results: pd.DataFrame,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        build_tables(results, tmp_path, reference="pmf",
+                     specs=[spec for spec in TABLES if spec.difference])
+    assert not list(tmp_path.glob("difference_*"))
+    assert "table 'difference' skipped: needs the reference method 'pmf'" in caplog.text
+
+
+def test_only_clean_rows_gives_no_adversarial_table(tmp_path: Path,
+                                                    results: pd.DataFrame) -> None:
+    clean = validate_results(results[results.norm == "none"])
+    build_tables(clean, tmp_path)
+    assert list(tmp_path.glob("clean_*.md")) and not list(tmp_path.glob("adversarial_*"))
+    assert "table 'adversarial' skipped" in (tmp_path / "tables.md").read_text()
+
+
+def test_spec_rejects_impossible_layouts() -> None:
+    with pytest.raises(ValueError, match="layout 'rows'"):
+        TableSpec("x", "x", ("pm",), ("clean",), layout="rows")
+    with pytest.raises(ValueError, match="methods must be None exactly when"):
+        TableSpec("x", "x", ("pm",), ("clean",), difference=True)
+    with pytest.raises(ValueError, match="differences need layout domains"):
+        TableSpec("x", "x", None, ("clean",), layout="conditions", difference=True)
+
+
+def test_methods_outside_every_accuracy_table_are_noted(tmp_path: Path,
+                                                        results: pd.DataFrame) -> None:
+    renamed = results.assign(method=results.method.replace({"lora": "styleadv"}))
+    build_tables(renamed, tmp_path)
+    index = (tmp_path / "tables.md").read_text()
+    assert "methods in no accuracy table (see the difference tables): styleadv" in index
+    assert "corruption rows are shown in the corruption figures" in index
+    assert "styleadv" in (tmp_path / "difference_bscd_dino_5w5s_clean.md").read_text()
