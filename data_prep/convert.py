@@ -12,10 +12,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from data_prep.store import SPLITS, DomainWriter, Hierarchy, StoreError, encode_
 log = logging.getLogger(__name__)
 
 Loader = Callable[[Any], "Image.Image | np.ndarray"]
+_CHUNK = 64  # items per task sent to a worker process
+_IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: keeps workers busy, memory bounded
 
 
 @dataclass
@@ -100,14 +103,32 @@ def _encode_item(item: Any, load: Loader, settings: StorageSettings
     return encode_image(pil, codec, settings.jpeg_quality), (pil.height, pil.width, channels)
 
 
-def _encoded(items: list[Any], load: Loader, settings: StorageSettings, workers: int
+def _encode_chunk(items: list[Any], load: Loader, settings: StorageSettings
+                  ) -> list[tuple[bytes, tuple[int, int, int]] | str]:
+    return [_encode_item(item, load, settings) for item in items]
+
+
+def _encoded(items: Iterable[Any], load: Loader, settings: StorageSettings, workers: int
              ) -> Iterator[tuple[bytes, tuple[int, int, int]] | str]:
-    work = partial(_encode_item, load=load, settings=settings)
+    """Encoded items in input order. Items are consumed lazily and at most a few chunks per
+    worker are in flight, so a source of 50 M images (QuickDraw) never sits in memory."""
     if workers <= 1:
-        yield from map(work, items)
+        yield from (_encode_item(item, load, settings) for item in items)
         return
     with ProcessPoolExecutor(workers) as pool:
-        yield from pool.map(work, items, chunksize=64)
+        pending: deque[Future] = deque()
+        for chunk in _chunks(items, _CHUNK):
+            pending.append(pool.submit(_encode_chunk, chunk, load, settings))
+            if len(pending) >= _IN_FLIGHT_PER_WORKER * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
 
 
 def item_name(item: Any) -> str:
@@ -158,7 +179,7 @@ def write_domain(
     if empty:
         raise StoreError(f"{source}: classes with no raw images: {empty[:10]}")
     hierarchy = hierarchy or two_level_hierarchy(classes)
-    all_items = [(label, item) for label, c in enumerate(classes) for item in c.items]
+    total = sum(len(c.items) for c in classes)
     report = ConversionReport(source=source, output=str(out), classes=len(classes))
     started = time.perf_counter()
     writer = DomainWriter(
@@ -166,8 +187,9 @@ def write_domain(
         class_names=[c.name for c in classes], class_splits=[c.split for c in classes],
         settings={**settings.as_dict(), **(extra_settings or {})}, hierarchy=hierarchy)
     with writer:
-        results = _encoded([item for _, item in all_items], load, settings, workers)
-        progress = tqdm(zip(all_items, results, strict=True), total=len(all_items),
+        results = _encoded((item for c in classes for item in c.items), load, settings, workers)
+        labelled = ((label, item) for label, c in enumerate(classes) for item in c.items)
+        progress = tqdm(zip(labelled, results, strict=True), total=total,
                         desc=f"convert {source}", unit="img", mininterval=2.0)
         for (label, item), result in progress:
             if isinstance(result, str):
@@ -175,11 +197,11 @@ def write_domain(
                 continue
             writer.add(label, *result)
         bad = len(writer.skipped)
-        if bad > settings.max_bad_fraction * len(all_items):
+        if bad > settings.max_bad_fraction * total:
             raise StoreError(
-                f"{source}: {bad} of {len(all_items)} raw images are unreadable, more than "
+                f"{source}: {bad} of {total} raw images are unreadable, more than "
                 f"max_bad_fraction={settings.max_bad_fraction}; first: {writer.skipped[:3]}")
-        report.images = len(all_items) - bad
+        report.images = total - bad
         report.skipped = writer.skipped
     report.seconds = round(time.perf_counter() - started, 2)
     report.write(report_path(out))

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import zlib
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -147,7 +148,7 @@ class DomainWriter:
         f.attrs["complete"] = False
         f.create_dataset("image_bytes", (0,), maxshape=(None,), dtype=np.uint8,
                          chunks=(_BYTE_CHUNK,))
-        self._offsets = [0]
+        self._offsets = array("q", [0])  # compact: QuickDraw has 50 M images
         f.create_dataset("shapes", (0, 3), maxshape=(None, 3), dtype=np.uint16,
                          chunks=(_WRITE_CHUNK, 3))
         f.create_dataset("checksums", (0,), maxshape=(None,), dtype=np.uint32,
@@ -206,7 +207,7 @@ class DomainWriter:
             raise StoreError(f"{self.path}: {len(empty)} classes have no images: {shown}")
         f = self._file
         str_dtype = h5py.string_dtype()
-        f.create_dataset("image_offsets", data=np.array(self._offsets, dtype=np.int64))
+        f.create_dataset("image_offsets", data=np.frombuffer(self._offsets, dtype=np.int64))
         f.create_dataset("class_offsets", data=np.concatenate([[0], np.cumsum(self._counts)]))
         f.create_dataset("classes/names", data=np.array(self.class_names, dtype=object),
                          dtype=str_dtype)
