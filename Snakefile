@@ -19,10 +19,15 @@ wildcard_constraints:
     setting="|".join(config["settings"]),
     kind="test|valid",
     source="|".join(sorted(FETCHED)),
+    backbone="|".join(config["backbones"]),
+    strategy="separate|uniform|random",
+    member="[0-9]+",
 
 
 include: "rules/data.smk"
 include: "rules/episodes.smk"
+include: "rules/backbones.smk"
+include: "rules/train.smk"
 
 
 rule all:

@@ -24,9 +24,21 @@ def check_config(config: dict) -> None:
         if not builtin and "raw" not in spec:
             raise ConfigError(f"config key domains.{name}.raw: source {spec['source']!r} is not "
                               "built in; set raw to the folder holding its unpacked download")
+    settings, backbones, train = list(config["settings"]), config["backbones"], config["train"]
+    for name, spec in backbones.items():
+        if "pretrain" in spec:
+            _check_names("domains", f"backbones.{name}.pretrain.domain",
+                         [spec["pretrain"]["domain"]], list(domains))
+    _check_names("domains", "train.sources", train["sources"], list(domains))
+    _check_names("backbones", "train.backbones", train["backbones"], list(backbones))
+    _check_names("settings", "train.settings", train["settings"], settings)
     _check_names("domains", "evaluate.targets", config["evaluate"]["targets"], list(domains))
-    _check_names("settings", "evaluate.settings", config["evaluate"]["settings"],
-                 list(config["settings"]))
+    _check_names("settings", "evaluate.settings", config["evaluate"]["settings"], settings)
+
+
+def budget_slug(budget: str | float) -> str:
+    """A budget as it appears in paths: '4/255' -> '4-255'."""
+    return str(budget).replace("/", "-")
 
 
 def raw_folder(config: dict, domain: str) -> str | None:

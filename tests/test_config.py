@@ -94,3 +94,31 @@ def test_workflow_stops_on_a_bad_config_naming_the_key(tmp_path: Path) -> None:
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "seed" in output and "-1 is less than the minimum of 0" in output
+
+
+def test_unknown_training_backbone_is_rejected() -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["train"]["backbones"] = ["dino_vits16"]
+    with pytest.raises(ConfigError, match=r"train\.backbones.*dino_vits16.*allowed.*small_vit"):
+        check_config(config)
+
+
+def test_pretrain_domain_must_exist() -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["backbones"]["small_vit"]["pretrain"]["domain"] = "omniglot"
+    with pytest.raises(ConfigError, match=r"backbones\.small_vit\.pretrain\.domain"):
+        check_config(config)
+
+
+def test_backbone_needs_exactly_one_weight_origin() -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["backbones"]["small_vit"]["checkpoint"] = "/models/x.pth"
+    assert errors(config)
+    config["backbones"]["small_vit"] = {}
+    assert errors(config)
+
+
+def test_budget_strings_are_checked() -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["train"]["amt"]["budgets"] = ["8/255", "eight"]
+    assert any("eight" in message for message in errors(config))
