@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-COMMAND_MODULES = ("amt.report",)
+COMMAND_MODULES = ("amt.train", "amt.report")
 
 
 def cmd_episodes(args: argparse.Namespace) -> int:
