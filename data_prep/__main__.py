@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from data_prep.checksums import verify_checksums
 from data_prep.convert import StorageSettings
 from data_prep.sources import SOURCES, source_module
 from data_prep.store import DomainStore, StoreError
@@ -43,6 +44,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     module = source_module(args.source)
     if module.NEEDS_RAW and args.raw is None:
         raise SystemExit(f"{args.source} needs --raw DIR.\nExpected raw layout:\n{module.LAYOUT}")
+    if args.checksums:
+        checked = verify_checksums(args.raw, args.checksums)
+        logging.info("%s: %d raw files match %s", args.source, checked, args.checksums)
     report = module.convert(args.raw, args.out, workers=args.workers, settings=_settings(args),
                             **_parse_options(args.option))
     print(f"{args.source}: {report.images} images in {report.classes} classes -> {args.out} "
@@ -124,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--short-side", type=int, help="storage resolution (0 keeps native)")
     convert.add_argument("--codec", choices=["auto", "png", "jpeg"])
     convert.add_argument("--max-bad-fraction", type=float)
+    convert.add_argument("--checksums", type=Path,
+                         help="sha256sum-format file of raw files to check first")
     convert.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                          help="source-specific option (repeatable)")
     convert.set_defaults(func=cmd_convert)

@@ -27,6 +27,8 @@ def convert_inputs(domain):
     inputs = [raw_folder(config, domain)] if spec["source"] in FETCHED else []
     if "split_file" in spec.get("options", {}):
         inputs.append(spec["options"]["split_file"])
+    if "checksums" in spec:
+        inputs.append(spec["checksums"])
     return inputs
 
 

@@ -40,13 +40,15 @@ for _domain, _spec in config["domains"].items():
                 f"--short-side {_spec['short_side']}" if "short_side" in _spec else ""
             ),
             options=converter_options(_domain),
+            checksums=f"--checksums {_spec['checksums']}" if "checksums" in _spec else "",
         threads: _spec.get("workers", config["workers"])
         resources:
             mem_mb=4000,
             runtime=60,
         shell:
             "python -m data_prep convert {params.source} {params.raw} --out {output.h5}"
-            " --workers {threads} {params.short_side} {params.options} > {log} 2>&1"
+            " --workers {threads} {params.short_side} {params.checksums} {params.options}"
+            " > {log} 2>&1"
 
 
 rule inspect_domain:
