@@ -1,0 +1,207 @@
+"""Backbones by name: a timm ViT, its normalisation, and how its checkpoint file is read.
+
+A ``Backbone`` maps [0, 1] pixel images to embeddings (the CLS token after the final norm); the
+normalisation lives inside it so that attacks perturb pixels. Official checkpoints are read with
+``torch.load(weights_only=True)``; each family has one function that turns the file's layout
+into timm's keys, and position embeddings are resampled from the file's patch grid to the one
+of the requested image size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
+
+from amt.checkpoints import CheckpointError, is_model_file, load_file
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_SHOWN = 5  # keys listed in an error message
+
+StateDict = dict[str, Tensor]
+
+
+def _flat(obj: Any, path: Path) -> StateDict:
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a flat state dict of tensors, found "
+                              f"{_describe(obj)}")
+    return dict(obj)
+
+
+def _nested(obj: Any, keys: tuple[str, ...], path: Path) -> StateDict:
+    if isinstance(obj, Mapping):
+        for key in keys:
+            if key in obj:
+                return _flat(obj[key], path)
+    raise CheckpointError(f"{path}: expected the state dict under {' or '.join(map(repr, keys))}"
+                          f", found {_describe(obj)}")
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Mapping):
+        return f"a mapping with keys {list(obj)[:_SHOWN]}"
+    return f"a {type(obj).__name__}"
+
+
+def _without_head(state: StateDict) -> StateDict:
+    """Drop classifier / projection heads: the backbone ends at the final norm."""
+    return {k: v for k, v in state.items() if not k.startswith("head.")}
+
+
+def _strip_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def remap_dino(obj: Any, path: Path) -> StateDict:
+    """DINO ``dino_deitsmall16_pretrain.pth``: a flat state dict with timm's keys."""
+    return _without_head(_flat(obj, path))
+
+
+def remap_ibot(obj: Any, path: Path) -> StateDict:
+    """iBOT ``checkpoint_teacher.pth``: under 'teacher' or 'state_dict'; the multi-crop and DDP
+    wrappers add 'module.' and 'backbone.' prefixes, and full checkpoints carry the iBOT head."""
+    state = _nested(obj, ("teacher", "state_dict"), path)
+    return _without_head({_strip_prefixes(k, ("module.", "backbone.")): v
+                          for k, v in state.items()})
+
+
+def remap_deit(obj: Any, path: Path) -> StateDict:
+    """DeiT ``deit_small_patch16_224-cd65a155.pth``: under 'model', with an ImageNet head."""
+    return _without_head(_nested(obj, ("model",), path))
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    arch: str  # timm model name, built with pretrained=False
+    remap: Callable[[Any, Path], StateDict]  # checkpoint object -> timm state dict
+    published: str  # where the official file is (for error messages; nothing is downloaded)
+    image_size: int  # the default input size
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+_VITS16 = "vit_small_patch16_224"  # embed 384, depth 12, 6 heads, qkv bias, LayerNorm eps 1e-6
+_OWN = "produced by `python -m amt pretrain`"
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "dino_vits16": BackboneSpec(
+        _VITS16, remap_dino, image_size=128, published="https://dl.fbaipublicfiles.com/dino/"
+        "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"),
+    "ibot_vits16": BackboneSpec(
+        _VITS16, remap_ibot, image_size=128, published="https://lf3-nlp-opensource.bytetos.com/"
+        "obj/nlp-opensource/archive/2022/ibot/vits_16/checkpoint_teacher.pth"),
+    "deit_vits16": BackboneSpec(
+        _VITS16, remap_deit, image_size=128,
+        published="https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth"),
+    # The built-in default: ViT-Tiny's width (192, 3 heads) at half its depth, patch 16 at 64 px
+    # (a 4x4 grid, 17 tokens): ~200 images/s forward-backward on 2 CPU cores, so supervised
+    # pretraining on a ~600-class glyph domain takes a few CPU minutes.
+    "small_vit": BackboneSpec(
+        "vit_tiny_patch16_224", remap_dino, image_size=64, published=_OWN,
+        kwargs={"depth": 6}, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    # Tests and smoke runs only: two blocks of width 32 on 32 px images.
+    "tiny_vit": BackboneSpec(
+        "test_vit", remap_dino, image_size=32, published=_OWN,
+        kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"backbone {name!r}: expected one of {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
+class Backbone(nn.Module):
+    """[0, 1] images [n, 3, S, S] -> embeddings [n, D] (CLS token after the final norm)."""
+
+    def __init__(self, vit: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.vit = vit
+        # Not persistent: vit.state_dict() keeps timm's keys, and the constants come from the spec.
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.num_features
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.vit((images - self.mean) / self.std)
+
+
+def build_backbone(name: str, checkpoint: Path | None, image_size: int) -> Backbone:
+    """The named backbone at ``image_size``, with weights from ``checkpoint`` (an official file
+    of that family, or our own ``model.pt`` holding a full backbone); None -> random weights."""
+    spec = get_spec(name)
+    if image_size < 1:
+        raise ValueError(f"image_size={image_size}: expected a positive int")
+    state = None if checkpoint is None else read_backbone_state(name, Path(checkpoint))
+    vit = timm.create_model(spec.arch, pretrained=False, num_classes=0, img_size=image_size,
+                            **spec.kwargs)
+    if state is not None:
+        _load_into(vit, _fit_pos_embed(state, vit, Path(checkpoint)), Path(checkpoint))
+    return Backbone(vit, spec.mean, spec.std)
+
+
+def read_backbone_state(name: str, path: Path) -> StateDict:
+    """The timm state dict held by ``path``: an official file (through the family's remap) or
+    one of our model files with a full backbone (pretrain, pm)."""
+    spec = get_spec(name)
+    obj = load_file(path, published=spec.published)
+    if not is_model_file(obj):
+        return spec.remap(obj, path)
+    if "backbone_state" not in obj:
+        recorded = obj.get("backbone_checkpoint")
+        raise CheckpointError(f"{path}: a {obj.get('method')!r} model file holds adapters only; "
+                              f"pass the backbone file it was trained on (recorded: {recorded})")
+    if obj.get("backbone") != name:
+        raise CheckpointError(f"{path}: holds backbone {obj.get('backbone')!r}, not {name!r}")
+    return _flat(obj["backbone_state"], path)
+
+
+def _fit_pos_embed(state: StateDict, vit: nn.Module, path: Path) -> StateDict:
+    """Resample the checkpoint's position embeddings to the model's patch grid."""
+    if "pos_embed" not in state:
+        return state  # reported as a missing key by _load_into
+    posemb, target = state["pos_embed"], vit.pos_embed
+    if posemb.shape == target.shape:
+        return state
+    prefix = vit.num_prefix_tokens
+    grid = (posemb.shape[1] - prefix) ** 0.5
+    if posemb.ndim != 3 or posemb.shape[2] != target.shape[2] or grid != int(grid):
+        raise CheckpointError(f"{path}: pos_embed of shape {tuple(posemb.shape)} cannot be "
+                              f"resampled to {tuple(target.shape)}")
+    resampled = resample_abs_pos_embed(posemb, new_size=list(vit.patch_embed.grid_size),
+                                       num_prefix_tokens=prefix)
+    return {**state, "pos_embed": resampled}
+
+
+def _load_into(vit: nn.Module, state: StateDict, path: Path) -> None:
+    expected = vit.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: keys do not match {type(vit).__name__} after remapping: "
+                              f"{len(missing)} missing {missing[:_SHOWN]}, {len(unexpected)} "
+                              f"unexpected {unexpected[:_SHOWN]}")
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+             if v.shape != expected[k].shape]
+    if wrong:
+        raise CheckpointError(f"{path}: tensor shapes differ from the model: {wrong[:_SHOWN]}")
+    vit.load_state_dict(state)

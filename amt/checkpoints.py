@@ -1,0 +1,142 @@
+"""Run files on disk: atomic writes, safe loading, RNG state, provenance.
+
+Every file here holds tensors and plain containers only, so it loads with
+``torch.load(weights_only=True)``; a file with any other pickled object (which could run code)
+is refused. Two tagged formats:
+
+- ``amt-checkpoint``: a training run in progress (trainable tensors, optimiser, episode counter,
+  RNG states, config); written every N episodes as ``checkpoint.pt``.
+- ``amt-model``: a finished model file (``model.pt``); its ``method`` says what it holds:
+  ``pretrain`` and ``pm`` a full backbone (``backbone_state``, timm keys), ``lora`` and ``amt``
+  adapters only (``lora``) to be applied to the backbone file recorded in it; all but
+  ``pretrain`` also the ProtoNet ``head``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+
+CHECKPOINT_FORMAT = "amt-checkpoint"
+MODEL_FORMAT = "amt-model"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or model file is missing, unsafe, unreadable or of another format."""
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file beside ``path``, fsync, then rename over ``path``: a run
+    killed mid-write leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_file(path: Path, published: str | None = None) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU, with errors that name the file.
+
+    ``published`` (where an official file can be downloaded) is added to the missing-file error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        hint = f"; the official file is published at {published}" if published else ""
+        raise CheckpointError(f"{path}: no such file{hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused: only tensors and plain containers may be loaded "
+            f"(torch.load weights_only=True), and this file holds something else - pickled "
+            f"code or objects - or is not a torch file ({_unpickling_detail(err)})") from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable torch file (truncated?): {err}") from err
+
+
+def _unpickling_detail(err: Exception) -> str:
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in str(err).splitlines()]
+    detail = [line for line in lines if line and not line.startswith(boilerplate)]
+    return " ".join(detail) or lines[0]
+
+
+def load_tagged(path: Path, fmt: str) -> dict:
+    """Load a file of our own ``fmt`` (CHECKPOINT_FORMAT or MODEL_FORMAT) and check its tag."""
+    obj = load_file(path)
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: format {found!r}, expected {fmt!r}")
+    if obj.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: {fmt} version {obj.get('format_version')!r}, this code "
+                              f"reads version {FORMAT_VERSION}")
+    return obj
+
+
+def is_model_file(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT
+
+
+def rng_state() -> dict:
+    """Global RNG states (torch CPU, CUDA if initialised, numpy) as tensors and plain values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32),
+                         np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def environment() -> dict:
+    """Versions and machine, for manifests."""
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "timm": timm.__version__, "numpy": np.__version__,
+            "platform": platform.platform(), "cuda": torch.version.cuda}

@@ -1,0 +1,110 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amt.attacks import kl_divergence, kl_query_attack, pgd
+from amt.backbones import build_backbone
+from amt.protonet import ProtoHead, prototypes
+
+EPS = 8 / 255
+
+
+@pytest.fixture
+def problem():
+    """A linear classifier and images, some of them at the edges of [0, 1]."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    x = torch.rand(16, 3, 8, 8)
+    x[:4] = x[:4].round()  # pixels at exactly 0 and 1: the box must hold there
+    y = torch.randint(0, 5, (16,))
+    return model, x, y
+
+
+def _ce(model, y):
+    return lambda images: F.cross_entropy(model(images), y, reduction="none")
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("random_start", [False, True])
+def test_pgd_stays_in_ball_and_box_and_raises_loss(problem, norm, random_start):
+    model, x, y = problem
+    eps = EPS if norm == "linf" else 0.5
+    adv = pgd(_ce(model, y), x, eps, eps / 4, 10, norm, random_start,
+              generator=torch.Generator().manual_seed(1))
+    delta = adv - x
+    size = delta.abs().flatten(1).amax(1) if norm == "linf" else delta.flatten(1).norm(dim=1)
+    assert size.max() <= eps + 1e-6
+    assert adv.min() >= 0 and adv.max() <= 1
+    loss = _ce(model, y)
+    assert (loss(adv) > loss(x)).all()
+    assert (size > 0.5 * eps).all()  # it moved, not just stayed at x
+
+
+def test_pgd_beats_random_noise_of_the_same_size(problem):
+    model, x, y = problem
+    loss = _ce(model, y)
+    adv = pgd(loss, x, EPS, EPS / 4, 10)
+    noise = (x + EPS * torch.randn_like(x).sign()).clamp(0, 1)
+    assert loss(adv).mean() > loss(noise).mean() + 0.01
+
+
+def test_pgd_is_deterministic_given_a_generator_and_leaves_no_param_grads(problem):
+    model, x, y = problem
+    runs = [pgd(_ce(model, y), x, EPS, EPS / 4, 3, generator=torch.Generator().manual_seed(7))
+            for _ in range(2)]
+    assert torch.equal(*runs)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_restarts_keep_each_examples_best(problem):
+    model, x, y = problem
+    loss = _ce(model, y)
+    # the first restart draws what a single run draws from the same generator
+    single = pgd(loss, x, EPS, EPS / 8, 1, generator=torch.Generator().manual_seed(3))
+    several = pgd(loss, x, EPS, EPS / 8, 1, restarts=4, generator=torch.Generator().manual_seed(3))
+    assert (loss(several) >= loss(single)).all()
+    assert (loss(several) > loss(single)).any()
+
+
+def test_bad_inputs_are_refused(problem):
+    model, x, y = problem
+    with pytest.raises(ValueError, match="expected \\[0, 1\\] pixels"):
+        pgd(_ce(model, y), (x - 0.5) / 0.25, EPS, EPS / 4, 1)
+    with pytest.raises(ValueError, match="norm 'l1'"):
+        pgd(_ce(model, y), x, EPS, EPS / 4, 1, norm="l1")
+    with pytest.raises(ValueError, match="alpha=0"):
+        pgd(_ce(model, y), x, EPS, 0, 1)
+
+
+def test_kl_directions():
+    p, q = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.0]])
+    log_p, log_q = F.log_softmax(p, -1), F.log_softmax(q, -1)
+    forward = (log_p.exp() * (log_p - log_q)).sum()
+    assert torch.isclose(kl_divergence(p, q, "adv_clean")[0], forward)
+    assert torch.isclose(kl_divergence(p, q, "clean_adv")[0],
+                         F.kl_div(log_p, log_q.exp(), reduction="sum"))  # the release's call
+    assert kl_divergence(p, p).item() == 0
+
+
+def test_kl_query_attack_raises_kl_within_budget():
+    torch.manual_seed(0)
+    backbone, head = build_backbone("tiny_vit", None, 32), ProtoHead()
+    xs, ys, xq = torch.rand(4, 3, 32, 32), torch.tensor([0, 0, 1, 1]), torch.rand(6, 3, 32, 32)
+    with torch.no_grad():
+        protos = prototypes(backbone(xs), ys, 2)
+    calls = []
+
+    def logits(x):
+        calls.append(len(x))
+        return head(backbone(x), protos)
+
+    adv = kl_query_attack(logits, xq, EPS, EPS / 4, 3, generator=torch.Generator().manual_seed(0))
+    assert (adv - xq).abs().max() <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        assert kl_divergence(logits(adv), logits(xq)).mean() > 1e-4
+        noisy = (xq + EPS * torch.randn_like(xq).sign()).clamp(0, 1)
+        assert kl_divergence(logits(adv), logits(xq)).mean() > \
+            kl_divergence(logits(noisy), logits(xq)).mean()
+    assert calls[:4] == [6] * 4  # clean logits once, then one pass per step; support never
+    assert all(p.grad is None for p in [*backbone.parameters(), *head.parameters()])

@@ -1,0 +1,123 @@
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from timm.layers import resample_abs_pos_embed
+
+from amt.backbones import (
+    BACKBONES,
+    Backbone,
+    build_backbone,
+    remap_deit,
+    remap_dino,
+    remap_ibot,
+)
+from amt.checkpoints import CheckpointError
+
+
+@pytest.fixture
+def tiny_state():
+    torch.manual_seed(0)
+    return build_backbone("tiny_vit", None, 32).vit.state_dict()
+
+
+@pytest.fixture
+def tiny_family(monkeypatch):
+    """Register tiny_vit under each family's remap, so official layouts load in milliseconds."""
+    for family, remap in (("dino", remap_dino), ("ibot", remap_ibot), ("deit", remap_deit)):
+        monkeypatch.setitem(BACKBONES, f"tiny_{family}",
+                            dataclasses.replace(BACKBONES["tiny_vit"], remap=remap))
+
+
+def _head(state):
+    return {"head.weight": torch.randn(10, 32), "head.bias": torch.randn(10)}
+
+
+def _layouts(state):
+    """The same weights in each official file layout."""
+    return {
+        "dino": dict(state),
+        "deit": {"model": {**state, **_head(state)}},
+        "ibot": {"teacher": {f"module.backbone.{k}": v for k, v in state.items()}
+                 | {"module.head.mlp.0.weight": torch.randn(4, 32)}},
+        "ibot_state_dict": {"state_dict": {f"backbone.{k}": v for k, v in state.items()}},
+    }
+
+
+@pytest.mark.parametrize("layout", ["dino", "deit", "ibot", "ibot_state_dict"])
+def test_family_layouts_remap_to_the_same_tensors(tiny_state, layout):
+    remap = {"dino": remap_dino, "deit": remap_deit}.get(layout, remap_ibot)
+    remapped = remap(_layouts(tiny_state)[layout], Path("x.pth"))
+    assert list(remapped) == list(tiny_state)
+    assert all(torch.equal(remapped[k], v) for k, v in tiny_state.items())
+
+
+def test_wrong_nesting_names_the_file_and_keys(tiny_state):
+    with pytest.raises(CheckpointError, match="x.pth: expected the state dict under 'model'.*"
+                                              "keys \\['cls_token'"):
+        remap_deit(tiny_state, Path("x.pth"))
+    with pytest.raises(CheckpointError, match="'teacher' or 'state_dict'"):
+        remap_ibot({"student": {}}, Path("x.pth"))
+
+
+@pytest.mark.parametrize("family", ["dino", "deit", "ibot"])
+def test_build_from_each_layout_with_resampled_pos_embed(tmp_path, tiny_state, tiny_family,
+                                                         family):
+    path = tmp_path / f"{family}.pth"
+    torch.save(_layouts(tiny_state)[family], path)
+    backbone = build_backbone(f"tiny_{family}", path, 48)  # 4x4 grid in the file, 6x6 here
+    expected = resample_abs_pos_embed(tiny_state["pos_embed"], new_size=[6, 6],
+                                      num_prefix_tokens=1)
+    assert torch.equal(backbone.vit.pos_embed, expected)
+    blocks = backbone.vit.blocks[1].mlp.fc2.weight
+    assert torch.equal(blocks, tiny_state["blocks.1.mlp.fc2.weight"])
+    assert backbone(torch.rand(2, 3, 48, 48)).shape == (2, 32)
+
+
+def test_normalisation_is_inside_the_backbone(tiny_state):
+    backbone = build_backbone("tiny_vit", None, 32)
+    backbone.vit.load_state_dict(tiny_state)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(backbone(x), backbone.vit((x - 0.5) / 0.5))
+    assert isinstance(backbone, Backbone) and backbone.embed_dim == 32
+    assert "mean" not in backbone.state_dict()
+
+
+def test_missing_file_names_where_it_is_published(tmp_path):
+    with pytest.raises(CheckpointError, match="nope.pth: no such file; the official file is "
+                                              "published at https://dl.fbaipublicfiles.com/dino"):
+        build_backbone("dino_vits16", tmp_path / "nope.pth", 128)
+
+
+def test_key_mismatch_lists_keys_and_file(tmp_path, tiny_state):
+    state = dict(tiny_state)
+    state.pop("norm.weight")
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="bad.pth: keys do not match .* 1 missing "
+                                              "\\['norm.weight'\\], 1 unexpected "
+                                              "\\['extra.weight'\\]"):
+        build_backbone("tiny_vit", tmp_path / "bad.pth", 32)
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickled_code_is_refused(tmp_path, tiny_state):
+    marker = tmp_path / "executed"
+    torch.save({**tiny_state, "x": _Exploit(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="evil.pth: refused.*posix.system"):
+        build_backbone("tiny_vit", tmp_path / "evil.pth", 32)
+    assert not marker.exists()
+
+
+def test_unknown_backbone_lists_known_ones():
+    with pytest.raises(ValueError, match="'vit_huge'.*'dino_vits16'"):
+        build_backbone("vit_huge", None, 128)

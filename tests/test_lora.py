@@ -1,0 +1,186 @@
+import pytest
+import torch
+
+from amt import lora
+from amt.backbones import build_backbone
+
+RANK = 4
+
+
+@pytest.fixture
+def vit():
+    torch.manual_seed(0)
+    return build_backbone("tiny_vit", None, 32).vit
+
+
+def _randomise(model):
+    with torch.no_grad():
+        for a, b in lora.adapter_parameters(model).values():
+            a.add_(0.1 * torch.randn_like(a))
+            b.add_(0.1 * torch.randn_like(b))
+
+
+def test_svd_init_leaves_the_network_unchanged(vit):
+    x = torch.rand(3, 3, 32, 32)
+    before = vit(x)
+    weights = {n: m.weight.detach().clone() for n, m in vit.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    state = lora.inject_lora(vit, RANK)
+    torch.testing.assert_close(vit(x), before, atol=1e-5, rtol=1e-5)
+    layer = vit.blocks[0].attn.qkv
+    w = weights["blocks.0.attn.qkv"]
+    rows = w.shape[0] // 3
+    for j, name in enumerate(("q", "k", "v")):
+        a, b = state.adapters[f"blocks.0.attn.qkv.{name}"]
+        block = w[j * rows:(j + 1) * rows].double()
+        u, s, vh = torch.linalg.svd(block, full_matrices=False)
+        best = (u[:, :RANK] * s[:RANK]) @ vh[:RANK]  # the top-r triplets, and only those
+        torch.testing.assert_close((b @ a).double(), best, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.residual[j * rows:(j + 1) * rows] + b @ a,
+                                   w[j * rows:(j + 1) * rows], atol=1e-6, rtol=1e-6)
+        # A = diag(sqrt S) V^T: its rows are orthogonal with squared norms S
+        torch.testing.assert_close((a @ a.T).double(), torch.diag(s[:RANK]), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_adapters_named_per_block_and_only_they_train(vit):
+    state = lora.inject_lora(vit, RANK)
+    assert list(state.adapters)[:6] == [
+        "blocks.0.attn.qkv.q", "blocks.0.attn.qkv.k", "blocks.0.attn.qkv.v",
+        "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    assert len(state.adapters) == 6 * len(vit.blocks)
+    trainable = {n for n, p in vit.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in vit.named_parameters() if ".lora_" in n}
+    d, hidden = vit.embed_dim, vit.blocks[0].mlp.fc1.lora_B[0].shape[0]
+    per_block = RANK * (3 * 2 * d + 2 * d + 2 * (d + hidden))
+    assert state.num_parameters == per_block * len(vit.blocks)
+
+
+def test_missing_target_is_named(vit):
+    with pytest.raises(ValueError, match="'attn.qkvx' matches no nn.Linear.*blocks.0.attn.qkv"):
+        lora.inject_lora(vit, RANK, ("attn.qkvx",))
+    lora.inject_lora(vit, RANK, ("mlp.fc1",))
+    with pytest.raises(ValueError, match="already has LoRA"):
+        lora.inject_lora(vit, RANK)
+
+
+def test_rank_too_large_is_refused(vit):
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv: cannot give 3 output block"):
+        lora.inject_lora(vit, 33)
+
+
+def test_merge_unmerge_round_trip(vit):
+    lora.inject_lora(vit, RANK)
+    _randomise(vit)
+    x = torch.rand(2, 3, 32, 32)
+    residuals = {n: m.residual.clone() for n, m in lora.lora_layers(vit).items()}
+    unmerged = vit(x)
+    lora.merge(vit)
+    assert all(m.merged for m in lora.lora_layers(vit).values())
+    torch.testing.assert_close(vit(x), unmerged, atol=1e-5, rtol=1e-5)
+    lora.unmerge(vit)
+    assert torch.equal(vit(x), unmerged)
+    for name, layer in lora.lora_layers(vit).items():
+        assert torch.equal(layer.residual, residuals[name])
+
+
+def test_weighted_merge_equals_direct_formula(vit):
+    lora.inject_lora(vit, RANK)
+    states = []
+    for _ in range(3):
+        _randomise(vit)
+        states.append(lora.get_state(vit))
+    weights = [0.5, 0.3, 0.2]
+    lora.merge(vit, states, weights)
+    for layer in lora.lora_layers(vit).values():
+        delta = sum(w * torch.cat([s.adapters[n][1] @ s.adapters[n][0]
+                                   for n in layer.adapter_names])
+                    for s, w in zip(states, weights, strict=True))
+        torch.testing.assert_close(layer.weight, layer.residual + delta, atol=1e-6, rtol=1e-6)
+    buffer = vit.blocks[0].mlp.fc2.weight
+    lora.merge(vit, states[:1], [1.0])  # the next merge reuses the layer's buffer
+    assert vit.blocks[0].mlp.fc2.weight.data_ptr() == buffer.data_ptr()
+    # merging one state alone equals loading it
+    x = torch.rand(2, 3, 32, 32)
+    merged = vit(x)
+    lora.unmerge(vit)
+    lora.load_state(vit, states[0])
+    torch.testing.assert_close(vit(x), merged, atol=1e-5, rtol=1e-5)
+
+
+def test_state_round_trips_through_flat_tensors(vit):
+    lora.inject_lora(vit, RANK)
+    _randomise(vit)
+    state = lora.get_state(vit)
+    back = lora.LoRAState.from_tensors(state.to_tensors())
+    assert back.rank == RANK and list(back.adapters) == sorted(state.adapters)
+    for name, (a, b) in state.adapters.items():
+        assert torch.equal(back.adapters[name][0], a) and torch.equal(back.adapters[name][1], b)
+    flat = state.to_tensors()
+    del flat["blocks.1.mlp.fc2.B"]
+    with pytest.raises(ValueError, match="unpaired: \\['blocks.1.mlp.fc2'\\]"):
+        lora.LoRAState.from_tensors(flat)
+    bad = lora.LoRAState({k: v for k, v in state.adapters.items() if "fc1" not in k})
+    with pytest.raises(ValueError, match="missing \\['blocks.0.mlp.fc1'"):
+        lora.load_state(vit, bad)
+
+
+def test_trim_keeps_the_best_low_rank_approximation():
+    torch.manual_seed(0)
+    w = torch.randn(12, 8)
+    trimmed = lora.trim_singular_values(w, 0.5)
+    assert torch.linalg.matrix_rank(trimmed) == 4
+    u, s, vh = torch.linalg.svd(w.double())
+    torch.testing.assert_close(trimmed.double(), (u[:, :4] * s[:4]) @ vh[:4], atol=1e-6,
+                               rtol=1e-6)
+    torch.testing.assert_close(lora.trim_singular_values(w, 1.0), w, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="trim ratio 0.1"):
+        lora.trim_singular_values(w, 0.1)
+
+
+def _reference_and_layer(dtype=torch.float64):
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(torch.nn.Linear(6, 9).to(dtype), "attn.qkv", 2, ("q", "k", "v"))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p))
+    return layer
+
+
+def test_hand_written_backward_matches_autograd():
+    layer = _reference_and_layer()
+    x = torch.randn(4, 5, 6, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(4, 5, 9, dtype=torch.float64)
+    layer(x).backward(grad)
+    ref_x = x.detach().clone().requires_grad_(True)
+    adapters = [(a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True))
+                for a, b in layer.adapters()]
+    ref = torch.nn.functional.linear(ref_x, layer.residual, layer.bias) + torch.cat(
+        [ref_x @ a.T @ b.T for a, b in adapters], -1)
+    ref.backward(grad)
+    torch.testing.assert_close(layer(x), ref)
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    for (a, b), (ref_a, ref_b) in zip(layer.adapters(), adapters, strict=True):
+        torch.testing.assert_close(a.grad, ref_a.grad)
+        torch.testing.assert_close(b.grad, ref_b.grad)
+
+
+def test_frozen_adapters_get_no_gradient_but_inputs_do():
+    layer = _reference_and_layer()
+    layer.requires_grad_(False)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).sum(), x)
+    assert grad.shape == x.shape and all(p.grad is None for p in layer.parameters())
+
+
+def test_autocast_runs_in_bfloat16_and_returns_parameter_dtypes():
+    layer = _reference_and_layer(torch.float32)
+    x = torch.randn(8, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    assert all(p.grad.dtype == torch.float32 for p in layer.parameters())
+    expected = layer(x.detach())
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
