@@ -22,12 +22,15 @@ wildcard_constraints:
     backbone="|".join(config["backbones"]),
     strategy="separate|uniform|random",
     member="[0-9]+",
+    method="[a-z_]+",
 
 
 include: "rules/data.smk"
 include: "rules/episodes.smk"
 include: "rules/backbones.smk"
 include: "rules/train.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 rule all:

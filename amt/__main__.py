@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-COMMAND_MODULES = ("amt.train", "amt.report")
+COMMAND_MODULES = ("amt.train", "amt.pool", "amt.select", "amt.evaluate", "amt.report")
 
 
 def cmd_episodes(args: argparse.Namespace) -> int:

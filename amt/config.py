@@ -34,6 +34,20 @@ def check_config(config: dict) -> None:
     _check_names("settings", "train.settings", train["settings"], settings)
     _check_names("domains", "evaluate.targets", config["evaluate"]["targets"], list(domains))
     _check_names("settings", "evaluate.settings", config["evaluate"]["settings"], settings)
+    _check_grids(config["evaluate"])
+
+
+def _check_grids(evaluate: dict) -> None:
+    """Every evaluated method with test-time hyperparameters needs a grid to select them."""
+    from amt.adapt import TUNED  # torch-heavy: only imported when a config is checked
+
+    grids = evaluate.get("grids", {})
+    _check_names("methods", "evaluate.grids", list(grids), list(TUNED))
+    for method in evaluate["methods"]:
+        if TUNED[method] and method not in grids:
+            raise ConfigError(f"config key evaluate.grids.{method}: {method} has test-time "
+                              f"hyperparameters {list(TUNED[method])}; give a grid to select "
+                              "them on the validation episodes")
 
 
 def budget_slug(budget: str | float) -> str:

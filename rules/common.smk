@@ -126,6 +126,62 @@ def model_targets():
     return targets
 
 
+EVALUATE = config["evaluate"]
+EVAL_BACKBONES = TRAIN["backbones"]
+POOL_METHODS = ("amt", "amt_ft", "amt_no_str", "amt_single_best", "amt_weight_avg",
+                "amt_no_ttm", "amt_logit_avg")
+
+
+def eval_model(backbone, setting, method):
+    """The trained file a test-time method starts from."""
+    if method in POOL_METHODS:
+        return f"{MODELS}/{backbone}/{setting}/amt_separate/pool.pt"
+    trained = "lora" if method == "lora" else "pm"
+    return f"{MODELS}/{backbone}/{setting}/{trained}/model.pt"
+
+
+def selection_file(backbone, setting, domain, method):
+    if method not in EVALUATE.get("grids", {}):
+        return []
+    return f"{RESULTS}/selection/{backbone}/{setting}/{domain}/{method}.json"
+
+
+def base_selection(backbone, setting, domain, method):
+    """amt_ft fine-tunes AMT's merged model: it reuses amt's merging choice."""
+    return selection_file(backbone, setting, domain, "amt") if method == "amt_ft" else []
+
+
+def image_options():
+    episodes = config["episodes"]
+    return cli_options({k: episodes[k] for k in ("image_size", "resize") if k in episodes})
+
+
+def domain_options(domain):
+    spec = config["domains"][domain]
+    benchmark = spec.get("benchmark", EVALUATE.get("benchmark", "builtin"))
+    in_domain = "--in-domain" if domain in TRAIN["sources"] else "--no-in-domain"
+    return f"--benchmark {shlex.quote(benchmark)} --domain {domain} {in_domain}"
+
+
+def eval_targets():
+    return [
+        f"{RESULTS}/eval/{b}/{s}/{d}/{m}.csv"
+        for b in EVAL_BACKBONES
+        for s in EVAL_SETTINGS
+        for d in EVALUATE["targets"]
+        for m in EVALUATE["methods"]
+    ]
+
+
+def spectra_files(rows):
+    """Merging methods write spectra beside their rows; the figure shows those of the first
+    backbone and setting (spectra rows are keyed by domain and method only)."""
+    first = f"{RESULTS}/eval/{EVAL_BACKBONES[0]}/{EVAL_SETTINGS[0]}/"
+    spectra = [row.replace(".csv", ".spectra.csv") for row in rows if row.startswith(first)]
+    present = [path for path in spectra if Path(path).exists()]
+    return f"--spectra {' '.join(present)}" if present else ""
+
+
 def domain_file(domain):
     return f"{RESULTS}/data/{domain}.h5"
 
@@ -152,4 +208,9 @@ def episode_targets():
 
 
 def all_targets():
-    return data_targets() + episode_targets() + model_targets()
+    return (
+        data_targets()
+        + episode_targets()
+        + model_targets()
+        + [f"{RESULTS}/tables", f"{RESULTS}/figures"]
+    )

@@ -1,0 +1,651 @@
+"""Test-time methods: adapt to one episode's clean support, then classify its queries.
+
+A method turns an episode's support (``xs`` [n, 3, S, S] in [0, 1], labels ``ys`` 0..N-1) into
+an ``Adapted`` classifier whose prototypes are computed once, from the clean support, when it
+adapts; an attack on the queries reuses them and never recomputes them (threat model:
+``amt.evaluate``). ``method.adapt(xs, ys, index, queries)`` is a context manager: the model is in
+the episode's state (merged, trimmed, fine-tuned) inside it and restored when it exits.
+
+- ``pm``, ``lora``: the frozen meta-tuned backbone (lora: its adapter merged) and its ProtoNet
+  head. Frozen, so a clean embedding depends on the image only: ``EmbeddingCache`` computes each
+  image's embedding once for all episodes (attacked queries are of course recomputed).
+- ``pmf``: PMF's test-time fine-tuning of the whole backbone: Adam, ``ft_steps`` steps at ``lr``,
+  each on one DiffAugment copy of the support with prototypes from the clean support (both in
+  one forward, gradients through both, as PMF); the weights are restored in place afterwards.
+- ``amt``: test-time merging (docs/method.md): one DiffAugment copy Z of the support; for each
+  member p alone (W = W_res + B_p A_p) prototypes from the clean support and cosine similarities
+  of Z's embeddings to them; intra_p (a class's Z to its own prototype) and inter_p (to the
+  other prototypes), each averaged within a class and then over classes;
+  score_p = gamma intra_p - (1 - gamma) inter_p; w_p = exp(beta (score_p - 1)) over the top k
+  scores, normalised; W = W_res + sum_p w_p B_p A_p in every adapted layer; STr replaces W by its
+  best rank-floor(rho min(out, in)) approximation in the selected layers (the fused qkv counts
+  as one layer). The ProtoNet head is the w-weighted average of the chosen members' heads
+  (scale and bias): each member learned its own scale, and the merged model mixes them as it
+  mixes their adapters.
+- ``amt_ft``: amt's merged (and trimmed) model fine-tuned as pmf.
+- Ablations on the same code path (``RECIPES``): ``amt_no_str`` (TTM, no trimming),
+  ``amt_single_best`` (the top-1 member, STr as selected), ``amt_weight_avg`` (every member
+  with weight 1/P, no scoring, STr as selected), ``amt_no_ttm`` (the 1/P average without STr:
+  neither test-time component), ``amt_logit_avg`` (each member alone with its own prototypes
+  and head; the logits averaged; no STr).
+
+Cost. Each member's merged weights W_res + B_p A_p are computed once per pool, not per episode:
+switching members is a pointer swap, so scoring costs exactly P forwards of [support; Z]. The
+episode's merge writes into one preallocated buffer per layer; nothing copies the model. STr
+uses the eigendecomposition of each weight's smaller Gram matrix (float32, batched over layers
+of a shape) and projects onto the kept subspace: the same matrix as the truncated SVD at a
+fraction of ``torch.linalg.svd``'s cost (bench/bench_eval.py measures both).
+DiffAugment runs in the model's normalised input space, as in PMF, whose loader normalises
+before augmenting: brightness +U(-0.5, 0.5) and the zero padding of a translation are in
+normalised units, exactly the network inputs PMF produces.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from amt import devices
+from amt.backbones import Backbone
+from amt.checkpoints import MODEL_FORMAT, CheckpointError, load_tagged
+from amt.episodes import episode_rng
+from amt.lora import DEFAULT_TARGETS, LoRALinear, lora_layers, merge, merged_weight
+from amt.pool import Pool, load_pool
+from amt.protonet import ProtoHead, prototypes
+from amt.report.results import SPECTRA_COLUMNS
+from amt.train import load_trained
+
+STR_LAYERS = {"none": (), "fc1": ("mlp.fc1",), "all": DEFAULT_TARGETS}  # layer-name suffixes
+SELECTION_FORMAT = "amt-selection"
+AUGMENT_PROB = 0.9  # PMF's aug_prob: the whole support is augmented with this probability
+TRANSLATION = 0.125  # PMF's translation ratio (of the image side)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a pool method combines its members."""
+
+    combine: str  # 'ttm' (scored top-k), 'uniform' (1/P each), 'logits' (average logits)
+    trim: bool  # apply the selected STr to the merged weights
+    finetune: bool = False  # PMF-style fine-tuning of the merged model
+    top_k: int | None = None  # a fixed k instead of the selected one
+
+
+RECIPES: dict[str, Recipe] = {
+    "amt": Recipe("ttm", trim=True),
+    "amt_ft": Recipe("ttm", trim=True, finetune=True),
+    "amt_no_str": Recipe("ttm", trim=False),
+    "amt_single_best": Recipe("ttm", trim=True, top_k=1),
+    "amt_weight_avg": Recipe("uniform", trim=True),
+    "amt_no_ttm": Recipe("uniform", trim=False),
+    "amt_logit_avg": Recipe("logits", trim=False),
+}
+MODEL_METHODS = ("pm", "pmf", "lora")  # evaluated from a model.pt; the others from a pool file
+METHODS = (*MODEL_METHODS, *RECIPES)
+MERGING = ("lora", *(n for n, r in RECIPES.items() if r.combine != "logits"))  # merged weights
+_STR = ("str_layers", "str_ratio")
+# The hyperparameters each method uses, which per-domain selection must set.
+TUNED: dict[str, tuple[str, ...]] = {
+    "pm": (), "lora": (), "pmf": ("lr",),
+    "amt": ("beta", "gamma", "top_k", *_STR), "amt_ft": ("beta", "gamma", "top_k", *_STR, "lr"),
+    "amt_no_str": ("beta", "gamma", "top_k"), "amt_single_best": ("gamma", *_STR),
+    "amt_weight_avg": _STR, "amt_no_ttm": (), "amt_logit_avg": (),
+}
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Test-time hyperparameters (defaults: docs/method.md); selected per domain."""
+
+    beta: float = 1.0
+    gamma: float = 0.6
+    top_k: int = 2
+    str_layers: str = "none"  # a key of STR_LAYERS
+    str_ratio: float = 1.0  # rho
+    lr: float = 0.0  # test-time fine-tuning (pmf, amt_ft); 0 = none
+    ft_steps: int = 50
+
+    def __post_init__(self) -> None:
+        checks = {
+            "beta": _number(self.beta) and self.beta >= 0,
+            "gamma": _number(self.gamma) and 0 <= self.gamma <= 1,
+            "top_k": _integer(self.top_k) and self.top_k >= 1,
+            "str_layers": self.str_layers in STR_LAYERS,
+            "str_ratio": _number(self.str_ratio) and 0 < self.str_ratio <= 1,
+            "lr": _number(self.lr) and self.lr >= 0,
+            "ft_steps": _integer(self.ft_steps) and self.ft_steps >= 0,
+        }
+        expected = {"beta": "a number >= 0", "gamma": "a number in [0, 1]",
+                    "top_k": "an int >= 1", "str_layers": f"one of {list(STR_LAYERS)}",
+                    "str_ratio": "a number in (0, 1]", "lr": "a number >= 0",
+                    "ft_steps": "an int >= 0"}
+        for key, ok in checks.items():
+            if not ok:
+                raise ValueError(f"hyperparameter {key}={getattr(self, key)!r}: expected "
+                                 f"{expected[key]}")
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str) -> Hyper:
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{source}: unknown hyperparameter(s) {unknown}; known: "
+                             f"{[f.name for f in fields(cls)]}")
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
+
+    @property
+    def trims(self) -> bool:
+        return self.str_layers != "none" and self.str_ratio < 1
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_selection(path: Path) -> tuple[Hyper, list[str]]:
+    """A selection file (``python -m amt select``): its hyperparameters and which it selected."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable selection JSON: {err}") from err
+    if not isinstance(document, dict) or document.get("format") != SELECTION_FORMAT:
+        raise ValueError(f"{path}: not an {SELECTION_FORMAT!r} file")
+    selected = document.get("selected")
+    if not isinstance(selected, list):
+        raise ValueError(f"{path}: 'selected' must list the hyperparameters it chose")
+    return Hyper.from_dict(document.get("hyperparameters", {}), str(path)), selected
+
+
+def read_selection(path: Path | None, method: str) -> Hyper:
+    """The hyperparameters for ``method`` from a selection file, which must have selected every
+    one the method uses; None is fine for methods that use none."""
+    needed = TUNED[method]
+    if path is None:
+        if needed:
+            raise ValueError(f"method {method} uses {list(needed)}: pass the JSON written by "
+                             "`python -m amt select` for this domain")
+        return Hyper()
+    hyper, selected = load_selection(path)
+    missing = [k for k in needed if k not in selected]
+    if missing:
+        raise ValueError(f"{path}: selected {selected}; method {method} also needs {missing}")
+    return hyper
+
+
+def torch_generator(seed: int, *keys: int | str, device: torch.device | str = "cpu"
+                    ) -> torch.Generator:
+    """A torch generator fixed by (seed, *keys), whatever else ran before it."""
+    state = int(episode_rng(seed, *keys).integers(2**62))
+    return torch.Generator(device=device).manual_seed(state)
+
+
+# -- DiffAugment ----------------------------------------------------------------------------------
+def diff_augment(x: Tensor, generator: torch.Generator, prob: float = AUGMENT_PROB) -> Tensor:
+    """PMF's DiffAugment (Zhao et al. 2020) with types colour + translation on [n, C, H, W]:
+    with probability ``prob`` the whole batch is augmented: flipped horizontally with odds 1/2,
+    then per image brightness +U(-0.5, 0.5), saturation x U(0, 2), contrast x U(0.5, 1.5) and a
+    translation by up to 12.5% of the side with zero padding. Random draws come from
+    ``generator`` (a CPU generator: the same draws on any device)."""
+    coins = torch.rand(2, generator=generator)
+    if coins[0] >= prob:
+        return x
+    if coins[1] < 0.5:
+        x = x.flip(3)
+    n = len(x)
+    factors = torch.rand(3, n, 1, 1, 1, generator=generator).to(x.device, x.dtype)
+    x = x + (factors[0] - 0.5)
+    grey = x.mean(1, keepdim=True)
+    x = (x - grey) * (2 * factors[1]) + grey
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (x - mean) * (factors[2] + 0.5) + mean
+    return _translate(x, generator)
+
+
+def _translate(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Shift each image by whole pixels (DiffAugment's rand_translation), zeros shifted in."""
+    n, _, h, w = x.shape
+    shifts = [torch.randint(-int(s * TRANSLATION + 0.5), int(s * TRANSLATION + 0.5) + 1, (n, 1),
+                            generator=generator).to(x.device) for s in (h, w)]
+    rows = (torch.arange(h, device=x.device) + shifts[0] + 1).clamp(0, h + 1)  # [n, h]
+    cols = (torch.arange(w, device=x.device) + shifts[1] + 1).clamp(0, w + 1)  # [n, w]
+    padded = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)  # [n, h + 2, w + 2, C]
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def augment_support(backbone: Backbone, x: Tensor, generator: torch.Generator) -> Tensor:
+    """One DiffAugment copy of [0, 1] images, augmented in the backbone's normalised space and
+    mapped back, so the backbone sees exactly PMF's augmented inputs."""
+    normalised = (x - backbone.mean) / backbone.std
+    return diff_augment(normalised, generator) * backbone.std + backbone.mean
+
+
+# -- STr ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def trim_(weights: Iterable[Tensor], ratio: float) -> None:
+    """Replace each matrix in place by its best rank-floor(ratio * min(out, in)) approximation.
+
+    For a tall W (out >= in) with V_k the top-k eigenvectors of W^T W, the truncated SVD is
+    W V_k V_k^T; wide matrices are handled transposed. One batched float32 eigendecomposition
+    per shape; when more than half the spectrum is kept the dropped tail is subtracted instead,
+    W - W V_t V_t^T, which needs fewer flops.
+    """
+    groups: dict[tuple[int, int], list[Tensor]] = {}
+    for w in weights:
+        groups.setdefault(tuple(w.shape), []).append(w)
+    for shape, group in groups.items():
+        side, keep = min(shape), math.floor(ratio * min(shape))
+        if not 0 < ratio <= 1 or keep < 1:
+            raise ValueError(f"STr ratio {ratio}: expected (0, 1] keeping at least one of the "
+                             f"{side} singular values of a {shape[0]}x{shape[1]} weight")
+        if keep == side:
+            continue
+        tall = shape[0] >= shape[1]
+        w = torch.stack(group).float()
+        w = w if tall else w.mT
+        with torch.autocast(w.device.type, enabled=False):
+            _, vectors = torch.linalg.eigh(w.mT @ w)  # ascending eigenvalues
+            if keep <= side // 2:
+                kept = vectors[..., side - keep:]
+                trimmed = (w @ kept) @ kept.mT
+            else:
+                tail = vectors[..., :side - keep]
+                trimmed = w - (w @ tail) @ tail.mT
+        for target, new in zip(group, trimmed if tall else trimmed.mT, strict=True):
+            target.copy_(new)
+
+
+# -- classifiers ----------------------------------------------------------------------------------
+class Classifier(nn.Module):
+    """Queries [n, 3, S, S] in [0, 1] -> logits [n, N] against prototypes fixed at adaptation.
+    Valid inside the ``adapt`` context that made it (the backbone is in the episode's state)."""
+
+    def __init__(self, backbone: Backbone, head: ProtoHead, protos: Tensor, amp: bool) -> None:
+        super().__init__()
+        self.backbone, self.head, self.amp = backbone, head, amp
+        self.register_buffer("protos", protos.detach())
+
+    def forward(self, x: Tensor) -> Tensor:
+        with devices.autocast(x.device, self.amp):
+            return self.head(self.backbone(x), self.protos)
+
+
+class LogitAverage(nn.Module):
+    """Mean of the members' logits, each member alone with its own prototypes and head."""
+
+    def __init__(self, method: PoolMethod, protos: list[Tensor]) -> None:
+        super().__init__()
+        self.method, self.backbone = method, method.backbone
+        self.protos = [p.detach() for p in protos]
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = []
+        for p, protos in enumerate(self.protos):
+            self.method.use_member(p)  # a pointer swap, no in-place write: backward stays valid
+            with devices.autocast(x.device, self.method.amp):
+                logits.append(self.method.pool.heads[p](self.backbone(x), protos))
+        return torch.stack(logits).mean(0)
+
+
+@dataclass
+class Adapted:
+    """An episode's classifier and, when queries were given, their clean logits."""
+
+    classifier: nn.Module
+    clean_logits: Tensor | None
+
+
+def _ways(ys: Tensor) -> int:
+    return int(ys.max()) + 1
+
+
+# -- methods --------------------------------------------------------------------------------------
+class Method:
+    """A backbone and how it adapts to an episode (``setup``); subclasses define ``setup``."""
+
+    def __init__(self, backbone: Backbone, device: torch.device, amp: bool, seed: int,
+                 backbone_name: str) -> None:
+        self.backbone, self.device, self.amp, self.seed = backbone, device, amp, seed
+        self.backbone_name = backbone_name  # the BACKBONES key, for result rows
+        self.backbone.requires_grad_(False).eval()
+
+    def setup(self, xs: Tensor, ys: Tensor, index: int, **options) -> AbstractContextManager:
+        """Put the backbone in the episode's state; yields the ProtoNet head to use."""
+        raise NotImplementedError
+
+    def set_hyper(self, hyper: Hyper) -> None:
+        """Use other hyperparameters from the next episode on (grid search)."""
+        raise NotImplementedError
+
+    @contextmanager
+    def adapt(self, xs: Tensor, ys: Tensor, index: int, queries: Tensor | None = None,
+              **options) -> Iterator[Adapted]:
+        with self.setup(xs, ys, index, **options) as head:
+            yield self.classify(head, xs, ys, queries)
+
+    @torch.no_grad()
+    def embed(self, x: Tensor) -> Tensor:
+        with devices.autocast(self.device, self.amp):
+            return self.backbone(x).float()
+
+    def classify(self, head: ProtoHead, xs: Tensor, ys: Tensor, queries: Tensor | None
+                 ) -> Adapted:
+        """Prototypes from the clean support and the clean query logits, in one forward."""
+        embeddings = self.embed(xs if queries is None else torch.cat([xs, queries]))
+        protos = prototypes(embeddings[:len(xs)], ys, _ways(ys))
+        clean = None if queries is None else head(embeddings[len(xs):], protos)
+        return Adapted(Classifier(self.backbone, head, protos, self.amp), clean)
+
+
+class FrozenMethod(Method):
+    """pm and lora: nothing adapts but the prototypes."""
+
+    def __init__(self, backbone: Backbone, head: ProtoHead, device: torch.device, amp: bool,
+                 seed: int, backbone_name: str) -> None:
+        super().__init__(backbone, device, amp, seed, backbone_name)
+        self.head = head.requires_grad_(False)
+
+    def setup(self, xs: Tensor, ys: Tensor, index: int, **options) -> AbstractContextManager:
+        return nullcontext(self.head)
+
+    def set_hyper(self, hyper: Hyper) -> None:
+        """pm and lora have no hyperparameters."""
+
+    def adapt_cached(self, ys: Tensor, support: Tensor, queries: Tensor) -> Adapted:
+        """``adapt`` from cached clean embeddings of the support and the queries."""
+        protos = prototypes(support, ys, _ways(ys))
+        return Adapted(Classifier(self.backbone, self.head, protos, self.amp),
+                       self.head(queries, protos))
+
+
+class EmbeddingCache:
+    """Clean embeddings of a frozen backbone by store image index, each image embedded once
+    however many episodes use it."""
+
+    def __init__(self, ids: np.ndarray, embeddings: Tensor) -> None:
+        if len(ids) != len(embeddings) or np.any(np.diff(ids) <= 0):
+            raise ValueError("EmbeddingCache: expected sorted distinct ids, one per embedding")
+        self.ids, self.embeddings = ids, embeddings
+
+    @classmethod
+    def build(cls, method: Method, batches: Iterable[tuple[np.ndarray, Tensor]]
+              ) -> EmbeddingCache:
+        """From batches of (store indices, [0, 1] images) covering each image once."""
+        ids, parts = [], []
+        for batch_ids, images in batches:
+            ids.append(np.asarray(batch_ids))
+            parts.append(method.embed(images.to(method.device, non_blocking=True)))
+        ids_all = np.concatenate(ids)
+        order = np.argsort(ids_all, kind="stable")
+        order_t = torch.from_numpy(order).to(method.device)
+        return cls(ids_all[order], torch.cat(parts)[order_t])
+
+    def __call__(self, ids: np.ndarray) -> Tensor:
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        missing = np.asarray(ids)[self.ids[pos] != ids]
+        if len(missing):
+            raise KeyError(f"images {missing[:5].tolist()} are not in the embedding cache")
+        return self.embeddings[torch.from_numpy(pos).to(self.embeddings.device)]
+
+
+class FineTuned(Method):
+    """PMF's test-time fine-tuning on top of another method's setup (pmf: pm; amt_ft: amt).
+    Every tensor it trains is saved before and copied back after the episode, in place."""
+
+    def __init__(self, base: Method, hyper: Hyper) -> None:
+        super().__init__(base.backbone, base.device, base.amp, base.seed, base.backbone_name)
+        self.base, self.hyper = base, hyper
+        self._saved: list[Tensor] | None = None
+
+    def set_hyper(self, hyper: Hyper) -> None:
+        self.hyper = hyper
+        self.base.set_hyper(hyper)
+
+    @contextmanager
+    def setup(self, xs: Tensor, ys: Tensor, index: int, **options) -> Iterator[ProtoHead]:
+        with self.base.setup(xs, ys, index, **options) as head:
+            if self.hyper.lr == 0 or self.hyper.ft_steps == 0:
+                yield head
+                return
+            tensors = tunable_tensors(self.backbone)
+            self._save(tensors)
+            try:
+                self._finetune(tensors, head, xs, ys, index)
+                yield head
+            finally:
+                self._restore(tensors)
+
+    def _save(self, tensors: list[Tensor]) -> None:
+        if self._saved is None:
+            self._saved = [t.detach().clone() for t in tensors]
+        else:  # the same tensors every episode: reuse the snapshot buffers
+            for saved, t in zip(self._saved, tensors, strict=True):
+                saved.copy_(t)
+
+    def _restore(self, tensors: list[Tensor]) -> None:
+        with torch.no_grad():
+            for saved, t in zip(self._saved, tensors, strict=True):
+                t.requires_grad_(False)
+                t.copy_(saved)
+
+    def _finetune(self, tensors: list[Tensor], head: ProtoHead, xs: Tensor, ys: Tensor,
+                  index: int) -> None:
+        for t in tensors:
+            t.requires_grad_(True)
+        optimizer = torch.optim.Adam(tensors, lr=self.hyper.lr, betas=(0.9, 0.999),
+                                     weight_decay=0.0)
+        generator = torch_generator(self.seed, index, "finetune")
+        n, ways = len(xs), _ways(ys)
+        for _ in range(self.hyper.ft_steps):
+            z = augment_support(self.backbone, xs, generator)
+            with devices.autocast(self.device, self.amp):
+                embeddings = self.backbone(torch.cat([xs, z])).float()
+            protos = prototypes(embeddings[:n], ys, ways)
+            loss = F.cross_entropy(head(embeddings[n:], protos), ys)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+def tunable_tensors(backbone: Backbone) -> list[Tensor]:
+    """The whole backbone as PMF fine-tunes it: every parameter, except that a LoRA layer
+    contributes its merged weight and its bias instead of its (unused) adapters."""
+    layers = lora_layers(backbone.vit).values()
+    adapters = {id(p) for layer in layers for p in layer.parameters()}
+    tensors = [p for p in backbone.vit.parameters() if id(p) not in adapters]
+    for layer in layers:
+        if not layer.merged:
+            raise ValueError("fine-tuning a LoRA backbone needs its adapters merged first")
+        tensors += [layer.weight] + ([] if layer.bias is None else [layer.bias])
+    return tensors
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which members an episode merges, with which weights."""
+
+    members: tuple[int, ...]
+    weights: tuple[float, ...]
+
+
+class PoolMethod(Method):
+    """The amt family over a LoRA pool; ``RECIPES[name]`` says how members combine."""
+
+    def __init__(self, pool: Pool, name: str, hyper: Hyper, device: torch.device, amp: bool,
+                 seed: int) -> None:
+        super().__init__(pool.backbone, device, amp, seed, pool.info["backbone"])
+        self.pool, self.name, self.recipe, self.hyper = pool, name, RECIPES[name], hyper
+        self.layers = lora_layers(pool.backbone.vit)
+        self.set_hyper(hyper)
+        # W_res + B_p A_p once per pool: switching members is then a pointer swap.
+        self.member_weights = [self._merged(Plan((p,), (1.0,))) for p in range(len(pool))]
+        self.buffers = {n: torch.empty_like(layer.residual) for n, layer in self.layers.items()}
+
+    def set_hyper(self, hyper: Hyper) -> None:
+        """Change the hyperparameters (grid search) without rebuilding the member weights."""
+        k = self.recipe.top_k or hyper.top_k
+        if self.recipe.combine == "ttm" and k > len(self.pool):
+            raise ValueError(f"{self.name}: top_k={k} but the pool has {len(self.pool)} members")
+        self.hyper, self.trimmed = hyper, self._str_layers(hyper) if self.recipe.trim else []
+
+    def _str_layers(self, hyper: Hyper) -> list[LoRALinear]:
+        if not hyper.trims:
+            return []
+        suffixes = STR_LAYERS[hyper.str_layers]
+        chosen = [layer for n, layer in self.layers.items() if n.endswith(suffixes)]
+        if not chosen:
+            raise ValueError(f"STr layers {hyper.str_layers!r} ({suffixes}) match none of the "
+                             f"pool's LoRA layers {list(self.layers)[:4]}...")
+        return chosen
+
+    def _merged(self, plan: Plan, out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        members = [self.pool.members[p] for p in plan.members]
+        return {n: merged_weight(layer.residual,
+                                 [[m.adapters[a] for a in layer.adapter_names] for m in members],
+                                 plan.weights, out=None if out is None else out[n])
+                for n, layer in self.layers.items()}
+
+    def _use(self, weights: dict[str, Tensor] | None) -> None:
+        for n, layer in self.layers.items():
+            layer.weight = None if weights is None else weights[n]
+
+    def use_member(self, p: int) -> None:
+        self._use(self.member_weights[p])
+
+    def scores(self, xs: Tensor, ys: Tensor, index: int) -> Tensor:
+        """[P, 2]: (intra_p, inter_p) of each member on one augmented copy of the support."""
+        z = augment_support(self.backbone, xs, torch_generator(self.seed, index, "ttm"))
+        batch, n, ways = torch.cat([xs, z]), len(xs), _ways(ys)
+        if ways < 2:
+            raise ValueError("test-time merging needs at least 2 classes (inter-class score)")
+        one_hot = F.one_hot(ys, ways).float()
+        counts = one_hot.sum(0)
+        rows = []
+        try:
+            for p in range(len(self.pool)):
+                self.use_member(p)
+                embeddings = self.embed(batch)
+                protos = prototypes(embeddings[:n], ys, ways)
+                sims = F.normalize(embeddings[n:], dim=-1) @ F.normalize(protos, dim=-1).T
+                own = (sims * one_hot).sum(1)
+                other = (sims * (1 - one_hot)).sum(1) / (ways - 1)
+                rows.append(torch.stack([(one_hot.T @ own / counts).mean(),
+                                         (one_hot.T @ other / counts).mean()]))
+        finally:
+            self._use(None)
+        return torch.stack(rows)
+
+    def plan(self, scores: Tensor | None) -> Plan:
+        """The members and weights of this episode's merge (scores: from ``scores``)."""
+        P = len(self.pool)
+        if self.recipe.combine != "ttm":
+            return Plan(tuple(range(P)), (1.0 / P,) * P)
+        h = self.hyper
+        intra, inter = scores.double().cpu().numpy().T
+        score = h.gamma * intra - (1 - h.gamma) * inter
+        chosen = np.argsort(-score, kind="stable")[:self.recipe.top_k or h.top_k]
+        w = np.exp(h.beta * (score[chosen] - 1))
+        return Plan(tuple(int(p) for p in chosen), tuple(float(v) for v in w / w.sum()))
+
+    def head(self, plan: Plan) -> ProtoHead:
+        """The weighted average of the chosen members' heads."""
+        heads = [self.pool.heads[p] for p in plan.members]
+        scale = sum(w * float(h.scale) for w, h in zip(plan.weights, heads, strict=True))
+        bias = sum(w * float(h.bias) for w, h in zip(plan.weights, heads, strict=True))
+        return ProtoHead(scale, bias).requires_grad_(False).to(self.device)
+
+    @contextmanager
+    def setup(self, xs: Tensor, ys: Tensor, index: int, plan: Plan | None = None
+              ) -> Iterator[ProtoHead]:
+        if self.recipe.combine == "logits":
+            raise ValueError(f"{self.name} averages logits: it has no merged model")
+        if plan is None:
+            plan = self.plan(self.scores(xs, ys, index) if self.recipe.combine == "ttm" else None)
+        self._use(self._merged(plan, out=self.buffers))
+        try:
+            if self.trimmed:
+                trim_([layer.weight for layer in self.trimmed], self.hyper.str_ratio)
+            yield self.head(plan)
+        finally:
+            self._use(None)
+
+    @contextmanager
+    def adapt(self, xs: Tensor, ys: Tensor, index: int, queries: Tensor | None = None,
+              **options) -> Iterator[Adapted]:
+        if self.recipe.combine != "logits":
+            with super().adapt(xs, ys, index, queries, **options) as adapted:
+                yield adapted
+            return
+        try:
+            yield self._logit_average(xs, ys, queries)
+        finally:
+            self._use(None)
+
+    def _logit_average(self, xs: Tensor, ys: Tensor, queries: Tensor | None) -> Adapted:
+        protos, clean = [], []
+        for p, head in enumerate(self.pool.heads):
+            self.use_member(p)
+            adapted = self.classify(head, xs, ys, queries)
+            protos.append(adapted.classifier.protos)
+            clean.append(adapted.clean_logits)
+        mean = None if queries is None else torch.stack(clean).mean(0)
+        return Adapted(LogitAverage(self, protos), mean)
+
+
+# -- building a method from files -----------------------------------------------------------------
+def load_method(name: str, model: Path, hyper: Hyper, device: torch.device, amp: bool = True,
+                seed: int = 0, backbone_checkpoint: Path | None = None) -> Method:
+    """``name`` over a pm/lora model file (pm, pmf, lora) or a pool file (the amt family)."""
+    if name not in METHODS:
+        raise ValueError(f"method {name!r}: expected one of {list(METHODS)}")
+    if name not in MODEL_METHODS:
+        method = PoolMethod(load_pool(model, device, backbone_checkpoint), name, hyper, device,
+                            amp, seed)
+        return FineTuned(method, hyper) if RECIPES[name].finetune else method
+    stored = load_tagged(Path(model), MODEL_FORMAT)
+    wanted = ("lora", "amt") if name == "lora" else ("pm",)
+    if stored.get("method") not in wanted:
+        raise CheckpointError(f"{model}: a {stored.get('method')!r} model file; method {name} "
+                              f"needs a {' or '.join(wanted)} model file")
+    backbone, head = load_trained(Path(model), backbone_checkpoint, device)
+    if name == "lora":
+        merge(backbone.vit)  # the adapter merged once: a plain frozen backbone from here on
+    method = FrozenMethod(backbone, head, device, amp, seed, stored["backbone"])
+    return FineTuned(method, hyper) if name == "pmf" else method
+
+
+# -- spectra --------------------------------------------------------------------------------------
+def merged_spectra(method: Method, xs: Tensor, ys: Tensor, index: int, domain: str,
+                   method_name: str, layers: Iterable[str] | None = None) -> pd.DataFrame:
+    """Singular values of the episode's final LoRA-layer weights (merged, trimmed, fine-tuned as
+    the method does) as SPECTRA_COLUMNS rows; ``layers``: name suffixes (None: every layer)."""
+    suffixes = None if layers is None else tuple(layers)
+    rows = []
+    with method.setup(xs, ys, index):
+        chosen = {n: layer for n, layer in lora_layers(method.backbone.vit).items()
+                  if suffixes is None or n.endswith(suffixes)}
+        if not chosen:
+            raise ValueError(f"{method_name}: no merged LoRA layer matches {suffixes}")
+        for name, layer in chosen.items():
+            if not layer.merged:
+                raise ValueError(f"{method_name}: layer {name} is not merged")
+            values = torch.linalg.svdvals(layer.weight.detach().double()).cpu().numpy()
+            rows += [(domain, method_name, name, i, float(v)) for i, v in enumerate(values)]
+    return pd.DataFrame(rows, columns=list(SPECTRA_COLUMNS))
+

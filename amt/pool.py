@@ -1,0 +1,154 @@
+"""The robust LoRA pool: P adapters meta-tuned on one backbone file, stored as one artefact.
+
+All members share the SVD residual W_res of the backbone file they were trained on (the SVD is
+deterministic, see ``amt.lora``), so the pool file holds the backbone *reference* once (name,
+file, SHA-256, image size, rank, targets) and, per member, its adapters, its ProtoNet head, its
+training budget and training configuration. ``load_pool`` rebuilds W_res from the backbone file,
+whose SHA-256 must match, instead of storing it again.
+
+File (``torch.save``; loads with ``weights_only=True``)::
+
+    {"format": "amt-pool", "format_version": 1, "strategy": "separate",
+     "backbone", "backbone_checkpoint", "backbone_sha256", "image_size", "rank", "targets",
+     "members": [{"source", "source_sha256", "method", "budget", "config",
+                  "lora": {name.A, name.B}, "head": {scale, bias}}, ...]}
+
+``python -m amt pool --members a/model.pt b/model.pt ... --strategy separate --out pool.pt``
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from amt.backbones import Backbone, build_backbone
+from amt.checkpoints import (
+    FORMAT_VERSION,
+    MODEL_FORMAT,
+    CheckpointError,
+    load_tagged,
+    save_atomic,
+    sha256,
+)
+from amt.lora import LoRAState, inject_lora
+from amt.protonet import ProtoHead
+
+log = logging.getLogger(__name__)
+
+POOL_FORMAT = "amt-pool"
+STRATEGIES = ("separate", "uniform", "random")  # how the members' budgets were set (method.md)
+MEMBER_METHODS = ("lora", "amt")
+SHARED = ("backbone", "backbone_checkpoint", "backbone_sha256", "image_size", "rank", "targets")
+
+
+@dataclass
+class Pool:
+    """A loaded pool: the backbone with LoRA layers on W_res (frozen), the members' adapters and
+    heads (frozen), all on one device."""
+
+    backbone: Backbone
+    members: list[LoRAState]
+    heads: list[ProtoHead]
+    budgets: list[float]
+    strategy: str
+    info: dict  # the shared backbone reference (SHARED keys)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+
+def _member(path: Path) -> dict:
+    obj = load_tagged(path, MODEL_FORMAT)
+    if obj.get("method") not in MEMBER_METHODS:
+        raise CheckpointError(f"{path}: a {obj.get('method')!r} model file; pool members must be "
+                              f"adapter files of method {' or '.join(MEMBER_METHODS)}")
+    if not obj.get("backbone_sha256"):
+        raise CheckpointError(f"{path}: records no backbone SHA-256; cannot prove the members "
+                              "share one backbone file")
+    return obj
+
+
+def _shared(obj: dict) -> dict:
+    return {k: list(obj[k]) if k == "targets" else obj[k] for k in SHARED}
+
+
+def _budget(obj: dict) -> float:
+    """The APQ budget a member was trained with; 0 for plain lora or with APQ switched off."""
+    config = obj.get("config", {})
+    adversarial = obj["method"] == "amt" and config.get("apq", True)
+    return float(config.get("budget", 0.0)) if adversarial else 0.0
+
+
+def assemble_pool(member_model_files: list[Path], out: Path, strategy: str) -> Path:
+    """Check the members (lora/amt model files on the same backbone file, rank, targets and
+    image size) and write them as one pool file at ``out``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"pool strategy {strategy!r}: expected one of {STRATEGIES}")
+    paths = [Path(p) for p in member_model_files]
+    if not paths:
+        raise ValueError("a pool needs at least one member model file")
+    repeated = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if repeated:
+        raise ValueError(f"pool members listed more than once: {repeated}")
+    objs = [_member(p) for p in paths]
+    reference = _shared(objs[0])
+    for path, obj in zip(paths[1:], objs[1:], strict=True):
+        differing = {k: (reference[k], v) for k, v in _shared(obj).items()
+                     if k != "backbone_checkpoint" and v != reference[k]}
+        if differing:
+            raise CheckpointError(f"{path}: differs from {paths[0]} in {differing} "
+                                  "(first value: the first member's); pool members must share "
+                                  "one backbone file, rank, targets and image size")
+    members = [{"source": str(p), "source_sha256": sha256(p), "method": o["method"],
+                "budget": _budget(o), "config": o.get("config", {}), "lora": o["lora"],
+                "head": o["head"]} for p, o in zip(paths, objs, strict=True)]
+    save_atomic({"format": POOL_FORMAT, "format_version": FORMAT_VERSION, "strategy": strategy,
+                 **reference, "members": members}, Path(out))
+    log.info("pool of %d members (budgets %s) on %s -> %s", len(members),
+             [round(m["budget"], 5) for m in members], reference["backbone"], out)
+    return Path(out)
+
+
+def load_pool(path: Path, device: torch.device | str = "cpu",
+              backbone_checkpoint: Path | None = None) -> Pool:
+    """The pool at ``path`` on ``device``: LoRA layers injected into the recorded backbone file
+    (or ``backbone_checkpoint``, which must have the recorded SHA-256), everything frozen."""
+    obj = load_tagged(Path(path), POOL_FORMAT)
+    base = Path(backbone_checkpoint or obj["backbone_checkpoint"])
+    if sha256(base) != obj["backbone_sha256"]:
+        raise CheckpointError(f"{path}: its members were trained on a backbone file with "
+                              f"SHA-256 {obj['backbone_sha256']}; {base} differs")
+    backbone = build_backbone(obj["backbone"], base, obj["image_size"])
+    inject_lora(backbone.vit, obj["rank"], obj["targets"])
+    backbone.requires_grad_(False).eval().to(device)
+    members, heads = [], []
+    for i, member in enumerate(obj["members"]):
+        try:
+            members.append(LoRAState.from_tensors(member["lora"]).to(device))
+        except ValueError as err:
+            raise CheckpointError(f"{path}: member {i} ({member['source']}): {err}") from err
+        head = ProtoHead()
+        head.load_state_dict(member["head"])
+        heads.append(head.requires_grad_(False).to(device))
+    return Pool(backbone, members, heads, [float(m["budget"]) for m in obj["members"]],
+                obj["strategy"], {k: obj[k] for k in SHARED})
+
+
+def cmd_pool(args: argparse.Namespace) -> int:
+    assemble_pool(args.members, args.out, args.strategy)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``pool`` command."""
+    p = subparsers.add_parser("pool", help="assemble meta-tuned adapters into one LoRA pool")
+    p.add_argument("--members", type=Path, nargs="+", required=True, metavar="MODEL_PT",
+                   help="lora/amt model.pt files trained on the same backbone file")
+    p.add_argument("--strategy", choices=STRATEGIES, default="separate",
+                   help="how the members' budgets were chosen (recorded)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_pool)

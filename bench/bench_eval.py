@@ -1,0 +1,331 @@
+"""Evaluation cost per episode against the work it cannot avoid.
+
+For each backbone (random weights; P random adapters of rank 8 on every target layer) and shot
+count (5-way, 15 queries per class), side by side in one run:
+
+- ``pm``: a frozen backbone without the embedding cache; work: one forward of |S| + |Q| images.
+- ``amt``: test-time merging (P member forwards of [support; augmented support], the merge, the
+  prototypes and the clean queries), no STr; work: (2P + 1)|S| + |Q| image forwards in one
+  batch, and (same-shape) the P forwards of 2|S| and the one of |S| + |Q| it runs, each timed
+  plainly: the first ratio includes what smaller batches lose, the second only this code's
+  overhead.
+- ``amt + PGD-k``: the same episode, then l_inf PGD with k steps on every query (labels are the
+  clean predictions, so every query is attacked); work: the amt work plus k forward-backwards
+  of |Q| images (input gradients only).
+- STr: ``trim_`` (batched float32 Gram eigendecomposition) on the fc1 layers and on every LoRA
+  layer, as % of the amt episode; ``svd64`` is ``lora.trim_singular_values`` (float64
+  torch.linalg.svd per layer) for comparison.
+
+Every work figure is measured on the same device with a plain batched forward (backward) of the
+plain backbone and ProtoNet head. Finally a frozen-backbone job (``Evaluation.run`` for pm, clean
+only) over many episodes of a synthetic store against one plain pass (read, transform, forward)
+over the distinct images they use. Targets: amt <= 1.1x; STr on fc1 <= +10%; amt + PGD-k <= 1.1x;
+frozen episodes <= 1.2x one pass.
+
+    python bench/bench_eval.py [--json] [--backbones dino_vits16 small_vit] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from amt.adapt import FrozenMethod, Hyper, Method, PoolMethod, trim_
+from amt.backbones import build_backbone, get_spec
+from amt.checkpoints import save_atomic
+from amt.devices import describe, pick_device
+from amt.evaluate import AttackSpec, EvalConfig, Evaluation, robust_correct
+from amt.lora import LoRAState, inject_lora, trim_singular_values
+from amt.pool import Pool
+from amt.protonet import ProtoHead
+
+WAYS, QUERIES, RANK = 5, 15, 8
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warm: bool = True
+          ) -> float:
+    """Median seconds of ``repeats`` calls, after one warm-up call unless ``warm`` is False
+    (for long calls whose kernels an earlier measurement has warmed)."""
+    if warm:
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def episode(image_size: int, shots: int, device: torch.device):
+    g = torch.Generator().manual_seed(shots)
+    ys = torch.arange(WAYS).repeat_interleave(shots)
+    yq = torch.arange(WAYS).repeat_interleave(QUERIES)
+    return tuple(t.to(device) for t in (torch.rand(len(ys), 3, image_size, image_size,
+                                                   generator=g), ys,
+                                        torch.rand(len(yq), 3, image_size, image_size,
+                                                   generator=g), yq))
+
+
+def random_pool(name: str, members: int, device: torch.device) -> Pool:
+    torch.manual_seed(0)
+    backbone = build_backbone(name, None, get_spec(name).image_size)
+    principal = inject_lora(backbone.vit, RANK)
+    states = []
+    for _ in range(members):
+        adapters = {n: (a + 0.02 * torch.randn_like(a), b + 0.02 * torch.randn_like(b))
+                    for n, (a, b) in principal.adapters.items()}
+        states.append(LoRAState(adapters).to(device))
+    heads = [ProtoHead(10.0 + p).requires_grad_(False).to(device) for p in range(members)]
+    return Pool(backbone.requires_grad_(False).eval().to(device), states, heads,
+                [0.0] * members, "separate", {"backbone": name})
+
+
+class Reference:
+    """Plain batched forward / forward-backward of the plain backbone and ProtoNet head."""
+
+    def __init__(self, name: str, device: torch.device, repeats: int) -> None:
+        torch.manual_seed(0)
+        self.backbone = build_backbone(name, None, get_spec(name).image_size)
+        self.backbone.requires_grad_(False).eval().to(device)
+        self.head = ProtoHead().to(device)
+        self.device, self.repeats = device, repeats
+
+    def forward(self, n: int, size: int) -> float:
+        x = torch.rand(n, 3, size, size, device=self.device)
+        with torch.no_grad():
+            return timed(lambda: self.backbone(x), self.device, self.repeats)
+
+    def forward_backward(self, n: int, size: int) -> float:
+        x = torch.rand(n, 3, size, size, device=self.device)
+        y = torch.arange(n, device=self.device) % WAYS
+        protos = torch.randn(WAYS, self.backbone.embed_dim, device=self.device)
+
+        def step() -> None:
+            v = x.clone().requires_grad_(True)
+            loss = F.cross_entropy(self.head(self.backbone(v), protos), y, reduction="none")
+            torch.autograd.grad(loss.sum(), v)
+
+        return timed(step, self.device, self.repeats)
+
+
+def _clean_episode(method: Method, data) -> Callable[[], None]:
+    xs, ys, xq, _ = data
+
+    def run() -> None:
+        with method.adapt(xs, ys, 0, queries=xq):
+            pass
+
+    return run
+
+
+def _attacked_episode(method: PoolMethod, data, steps: int) -> Callable[[], None]:
+    xs, ys, xq, _ = data
+    spec = AttackSpec("pgd", "linf", (4 / 255,), steps=steps)
+
+    def run() -> None:
+        with method.adapt(xs, ys, 0, queries=xq) as adapted:
+            predicted = adapted.clean_logits.argmax(-1)
+            everything = torch.ones_like(predicted, dtype=torch.bool)
+            robust_correct(adapted.classifier, xq, predicted, spec, 4 / 255, everything, 0, 0)
+
+    return run
+
+
+def _attacked_time(method: PoolMethod, data, steps: int, device: torch.device) -> float:
+    """One attacked episode, after a one-step one has warmed the backward kernels."""
+    _attacked_episode(method, data, 1)()
+    return timed(_attacked_episode(method, data, steps), device, 1, warm=False)
+
+
+def _trim_times(method: PoolMethod, data, device: torch.device, repeats: int) -> dict:
+    xs, ys, _, _ = data
+    out = {}
+    with method.setup(xs, ys, 0):
+        for layers, suffix in (("fc1", ("mlp.fc1",)), ("all", None)):
+            chosen = [layer.weight for name, layer in method.layers.items()
+                      if suffix is None or name.endswith(suffix)]
+            copies = [w.clone() for w in chosen]
+            out[layers] = timed(lambda c=copies: trim_(c, 0.5), device, repeats)
+            out[f"{layers}_svd64"] = timed(
+                lambda c=chosen: [trim_singular_values(w, 0.5) for w in c], device, 1, False)
+    return out
+
+
+def measure(name: str, shots: list[int], members: int, steps: int, device: torch.device,
+            repeats: int) -> list[dict]:
+    """Every shot count on one backbone: its reference, a frozen pm and an amt pool."""
+    size = get_spec(name).image_size
+    reference = Reference(name, device, repeats)
+    step_work = reference.forward_backward(WAYS * QUERIES, size)
+    pm = FrozenMethod(reference.backbone, reference.head, device, True, 0, name)
+    method = PoolMethod(random_pool(name, members, device), "amt", Hyper(), device, True, 0)
+    results = []
+    for k in shots:
+        data = episode(size, k, device)
+        support, queries = WAYS * k, WAYS * QUERIES
+        amt_work = reference.forward((2 * members + 1) * support + queries, size)
+        shaped = members * reference.forward(2 * support, size) + \
+            reference.forward(support + queries, size)
+        results.append({
+            "backbone": name, "image_size": size, "shots": k, "members": members,
+            "steps": steps, "pm": timed(_clean_episode(pm, data), device, repeats),
+            "pm_work": reference.forward(support + queries, size),
+            "amt": timed(_clean_episode(method, data), device, repeats), "amt_work": amt_work,
+            "amt_shaped_work": shaped, "pgd": _attacked_time(method, data, steps, device),
+            "pgd_work": amt_work + steps * step_work,
+            "trim": _trim_times(method, data, device, repeats)})
+        print(f"{name} {k}-shot done", file=sys.stderr)
+    return results
+
+
+def _synthetic_store(folder: Path, classes: int, per_class: int, side: int) -> Path:
+    from data_prep.convert import ClassSpec, write_domain
+
+    rng = np.random.default_rng(0)
+    specs = [ClassSpec(f"c{c}", "test", [rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+                                         for _ in range(per_class)]) for c in range(classes)]
+    path = folder / "store.h5"
+    write_domain(path, source="synthetic", converter_version="bench", classes=specs,
+                 load=np.asarray)
+    return path
+
+
+def measure_frozen(name: str, episodes: int, device: str, workers: int) -> dict:
+    """Evaluation.run of pm over ``episodes`` clean episodes vs one plain pass."""
+    from amt.episodes import FixedSampler, draw_episodes, episode_meta, save_episodes
+    from amt.train import MetaTuner, TrainConfig
+    from data_prep.store import DomainStore
+
+    size = get_spec(name).image_size
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        store_path = _synthetic_store(folder, 40, 20, size + size // 8)
+        store = DomainStore(store_path)
+        sampler = FixedSampler(ways=WAYS, shots=1, queries=QUERIES)
+        drawn = draw_episodes(store, "test", sampler, episodes, 0)
+        save_episodes(folder / "eps.json", drawn, episode_meta(
+            store, domain="bench", split="test", sampler=sampler, seed=0, count=episodes))
+        torch.manual_seed(0)
+        tuner = MetaTuner(TrainConfig(method="pm", backbone=name), torch.device("cpu"))
+        save_atomic(tuner.model_file(None), folder / "pm.pt")
+        job = Evaluation(EvalConfig(
+            method="pm", model=folder / "pm.pt", store=store_path, episodes=folder / "eps.json",
+            benchmark="bench", domain="bench", in_domain=False, setting_name="5w1s",
+            out=folder / "out.csv", device=device, workers=workers, log_every=10**6))
+        ids = np.unique(np.concatenate([np.concatenate([e.support, e.query]) for e in drawn]))
+        one_pass = _one_pass(job, store, ids)
+        start = time.perf_counter()
+        job.run()
+        _sync(job.device)
+        run = time.perf_counter() - start
+    return {"backbone": name, "episodes": episodes, "distinct_images": len(ids),
+            "images_in_episodes": sum(len(e.support) + len(e.query) for e in drawn),
+            "one_pass": one_pass, "run": run}
+
+
+def _one_pass(job: Evaluation, store, ids: np.ndarray, batch: int = 64) -> float:
+    """Read, transform and embed each distinct image once, in batches, in this process."""
+    start = time.perf_counter()
+    for i in range(0, len(ids), batch):
+        images = np.stack([job.transform(store.read(int(j))).numpy() for j in ids[i:i + batch]])
+        with torch.no_grad():
+            job.method.backbone(torch.from_numpy(images).to(job.device))
+    _sync(job.device)
+    return time.perf_counter() - start
+
+
+def checks(report: dict) -> list[dict]:
+    found = []
+    for r in report["episodes"]:
+        label = f"{r['backbone']} {r['shots']}-shot"
+        amt, pgd = r["amt"] / r["amt_work"], r["pgd"] / r["pgd_work"]
+        found += [{"case": label, "check": "amt / its forward work", "value": amt,
+                   "target": "<= 1.1", "ok": amt <= 1.1},
+                  {"case": label, "check": f"amt + PGD-{r['steps']} / its work", "value": pgd,
+                   "target": "<= 1.1", "ok": pgd <= 1.1},
+                  {"case": label, "check": "STr fc1 / amt episode",
+                   "value": r["trim"]["fc1"] / r["amt"], "target": "<= 0.10",
+                   "ok": r["trim"]["fc1"] / r["amt"] <= 0.10}]
+    for r in report["frozen"]:
+        ratio = r["run"] / r["one_pass"]
+        found.append({"case": f"{r['backbone']} {r['episodes']} episodes",
+                      "check": "frozen episodes / one pass", "value": ratio, "target": "<= 1.2",
+                      "ok": ratio <= 1.2})
+    return found
+
+
+def markdown(report: dict) -> str:
+    lines = [f"device: {report['device']}; 5-way, {QUERIES} queries per class, P = "
+             f"{report['members']} members of rank {RANK}; l_inf PGD-{report['steps']}", "",
+             "| backbone | px | shots | pm s (x work) | amt s (x work; x same-shape forwards) | "
+             "amt+PGD s (x work) | STr fc1 % | STr all % | svd64 fc1 % | svd64 all % |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["episodes"]:
+        t = r["trim"]
+        lines.append(
+            f"| {r['backbone']} | {r['image_size']} | {r['shots']} | {r['pm']:.3f} "
+            f"({r['pm'] / r['pm_work']:.2f}) | {r['amt']:.3f} ({r['amt'] / r['amt_work']:.2f}; "
+            f"{r['amt'] / r['amt_shaped_work']:.2f}) | {r['pgd']:.2f} "
+            f"({r['pgd'] / r['pgd_work']:.2f}) | "
+            + " | ".join(f"{100 * t[k] / r['amt']:.1f}" for k in ("fc1", "all", "fc1_svd64",
+                                                                  "all_svd64")) + " |")
+    lines += ["", "| backbone | episodes | distinct images | images in episodes | one pass s | "
+              "frozen run s | x one pass |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['backbone']} | {r['episodes']} | {r['distinct_images']} | "
+              f"{r['images_in_episodes']} | {r['one_pass']:.2f} | {r['run']:.2f} | "
+              f"{r['run'] / r['one_pass']:.2f} |" for r in report["frozen"]]
+    lines += ["", "| case | check | value | target | ok |", "|---|---|---|---|---|"]
+    lines += [f"| {c['case']} | {c['check']} | {c['value']:.3f} | {c['target']} | "
+              f"{'yes' if c['ok'] else 'NO'} |" for c in report["checks"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", nargs="+", default=["dino_vits16", "small_vit"])
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10, help="PGD steps of the attacked case")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--frozen-backbones", nargs="*", default=["small_vit"])
+    parser.add_argument("--frozen-episodes", type=int, default=600)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", action="store_true", help="print JSON, not Markdown")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    report = {"device": describe(device), "members": args.members, "steps": args.steps,
+              "episodes": [], "frozen": []}
+    for name in args.backbones:
+        report["episodes"] += measure(name, args.shots, args.members, args.steps, device,
+                                      args.repeats)
+    for name in args.frozen_backbones:
+        report["frozen"].append(measure_frozen(name, args.frozen_episodes, args.device,
+                                               args.workers))
+    report["checks"] = checks(report)
+    print(json.dumps(report, indent=2) if args.json else markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Aggregate every result row into the paper's tables and figures."""
+
+
+rule report:
+    input:
+        rows=eval_targets(),
+    output:
+        tables=report(
+            directory(f"{RESULTS}/tables"),
+            patterns=["{name}.csv"],
+            caption="../docs/report/tables.rst",
+            category="Tables",
+        ),
+        figures=report(
+            directory(f"{RESULTS}/figures"),
+            patterns=["{name}.png"],
+            caption="../docs/report/figures.rst",
+            category="Figures",
+        ),
+    conda:
+        CONDA_ENV
+    log:
+        f"{RESULTS}/logs/report/report.log",
+    params:
+        spectra=lambda wc, input: spectra_files(input.rows),
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "python -m amt report --results {input.rows} {params.spectra}"
+        " --tables-dir {output.tables} --figures-dir {output.figures} > {log} 2>&1"

@@ -1,0 +1,275 @@
+"""Test-time methods against direct computations from docs/method.md's formulas."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_pool import make_pool, model_file, one_thread  # noqa: F401 - fixture
+
+from amt.adapt import (
+    EmbeddingCache,
+    FineTuned,
+    FrozenMethod,
+    Hyper,
+    Plan,
+    PoolMethod,
+    augment_support,
+    diff_augment,
+    load_method,
+    merged_spectra,
+    torch_generator,
+    trim_,
+)
+from amt.attacks import pgd
+from amt.lora import lora_layers, merge
+from amt.pool import load_pool
+from amt.train import load_trained
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+WAYS, SHOTS, QUERIES = 3, 2, 4
+
+
+@pytest.fixture(scope="module")
+def pool_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pool")
+    torch.set_num_threads(1)
+    make_pool(folder, members=3)
+    model_file(folder, folder / "tiny_backbone.pth", "pm", method="pm")
+    return folder
+
+
+def _episode(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.arange(WAYS).repeat_interleave(SHOTS)
+    yq = torch.arange(WAYS).repeat_interleave(QUERIES)
+    colours = torch.linspace(0.2, 0.8, WAYS)
+
+    def images(labels):
+        noise = torch.rand(len(labels), 3, 32, 32, generator=g)
+        return (0.6 * colours[labels].view(-1, 1, 1, 1) + 0.4 * noise).clamp(0, 1)
+
+    return images(ys), ys, images(yq), yq
+
+
+def _pool_method(folder: Path, name: str = "amt", **hyper) -> PoolMethod:
+    return PoolMethod(load_pool(folder / "pool.pt"), name, Hyper(**hyper), CPU, True, seed=0)
+
+
+def _member_model(folder: Path, p: int):
+    """Member p alone, built the way training builds it, its adapter merged."""
+    backbone, head = load_trained(folder / f"member{p}.pt")
+    merge(backbone.vit)
+    return backbone.eval(), head
+
+
+def _direct_scores(folder: Path, xs, ys, z) -> np.ndarray:
+    rows = []
+    for p in range(3):
+        backbone, _ = _member_model(folder, p)
+        with torch.no_grad():
+            support, augmented = backbone(xs), backbone(z)
+        protos = [support[ys == c].mean(0) for c in range(WAYS)]
+        intra, inter = [], []
+        for c in range(WAYS):
+            own = [F.cosine_similarity(e, protos[c], dim=0) for e in augmented[ys == c]]
+            other = [F.cosine_similarity(e, protos[d], dim=0) for e in augmented[ys == c]
+                     for d in range(WAYS) if d != c]
+            intra.append(torch.stack(own).mean())
+            inter.append(torch.stack(other).mean())
+        rows.append([torch.stack(intra).mean().item(), torch.stack(inter).mean().item()])
+    return np.array(rows)
+
+
+def _direct_merge(pool, layer_name: str, plan: Plan) -> torch.Tensor:
+    layer = lora_layers(pool.backbone.vit)[layer_name]
+    blocks = []
+    for block_name, block in zip(layer.adapter_names, layer.residual.split(layer.rows),
+                                 strict=True):
+        total = block.clone().double()
+        for p, w in zip(plan.members, plan.weights, strict=True):
+            a, b = pool.members[p].adapters[block_name]
+            total += w * (b.double() @ a.double())
+        blocks.append(total)
+    return torch.cat(blocks)
+
+
+def test_ttm_scores_weights_merge_and_head_follow_the_formulas(pool_dir):
+    beta, gamma = 3.0, 0.7
+    method = _pool_method(pool_dir, beta=beta, gamma=gamma, top_k=2)
+    xs, ys, _, _ = _episode()
+    scores = method.scores(xs, ys, index=5).double().numpy()
+    z = augment_support(method.backbone, xs, torch_generator(0, 5, "ttm"))
+    np.testing.assert_allclose(scores, _direct_scores(pool_dir, xs, ys, z), atol=1e-5)
+
+    score = gamma * scores[:, 0] - (1 - gamma) * scores[:, 1]
+    top = np.argsort(-score)[:2]
+    w = np.exp(beta * (score[top] - 1))
+    plan = method.plan(torch.from_numpy(scores))
+    assert plan.members == tuple(top) and len(set(score)) == 3
+    np.testing.assert_allclose(plan.weights, w / w.sum(), rtol=1e-12)
+
+    with method.setup(xs, ys, 5, plan=plan) as head:
+        for name, layer in method.layers.items():
+            torch.testing.assert_close(layer.weight.double(),
+                                       _direct_merge(method.pool, name, plan), atol=1e-6,
+                                       rtol=1e-6)
+        scales = [float(method.pool.heads[p].scale) for p in plan.members]
+        assert float(head.scale) == pytest.approx(sum(np.array(plan.weights) * scales))
+    assert all(layer.weight is None for layer in method.layers.values())
+
+
+def test_ablation_recipes_choose_their_members(pool_dir):
+    xs, ys, _, _ = _episode()
+    scores = torch.tensor([[0.9, 0.1], [0.5, 0.4], [0.95, 0.05]])  # scores .50, .14, .55
+    assert _pool_method(pool_dir, "amt_single_best").plan(scores) == Plan((2,), (1.0,))
+    for name in ("amt_weight_avg", "amt_no_ttm"):
+        assert _pool_method(pool_dir, name).plan(None) == Plan((0, 1, 2), (1 / 3,) * 3)
+    with pytest.raises(ValueError, match="top_k=4 but the pool has 3"):
+        _pool_method(pool_dir, top_k=4)
+    with pytest.raises(ValueError, match="no merged model"):
+        _pool_method(pool_dir, "amt_logit_avg").setup(xs, ys, 0).__enter__()
+
+
+@pytest.mark.parametrize(("shape", "ratio"), [((40, 12), 0.25), ((12, 40), 0.75), ((9, 9), 0.5)])
+def test_trim_is_the_truncated_svd(shape, ratio):
+    torch.manual_seed(0)
+    weights = [torch.randn(*shape), torch.randn(*shape)]
+    originals = [w.clone() for w in weights]
+    trim_(weights, ratio)
+    keep = math.floor(ratio * min(shape))
+    for w, original in zip(weights, originals, strict=True):
+        u, s, vh = torch.linalg.svd(original.double(), full_matrices=False)
+        torch.testing.assert_close(w.double(), (u[:, :keep] * s[:keep]) @ vh[:keep], atol=1e-5,
+                                   rtol=1e-5)
+        assert torch.linalg.matrix_rank(w.double(), rtol=1e-6) == keep
+    with pytest.raises(ValueError, match="keeping at least one"):
+        trim_([torch.randn(4, 4)], 0.1)
+
+
+@pytest.mark.parametrize("layers", ["fc1", "all"])
+def test_str_trims_only_the_selected_layers(pool_dir, layers):
+    method = _pool_method(pool_dir, str_layers=layers, str_ratio=0.5)
+    xs, ys, _, _ = _episode()
+    plan = method.plan(method.scores(xs, ys, 0))
+    with method.setup(xs, ys, 0, plan=plan):
+        for name, layer in method.layers.items():
+            merged = _direct_merge(method.pool, name, plan)
+            if layers == "all" or name.endswith("mlp.fc1"):
+                u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+                keep = min(merged.shape) // 2
+                expected = (u[:, :keep] * s[:keep]) @ vh[:keep]
+                assert torch.linalg.matrix_rank(layer.weight.double(), rtol=1e-5) == keep
+            else:
+                expected = merged
+            torch.testing.assert_close(layer.weight.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def _count_forwards(backbone) -> list[int]:
+    sizes: list[int] = []
+    backbone.register_forward_hook(lambda module, args, out: sizes.append(len(args[0])))
+    return sizes
+
+
+def test_amt_costs_one_forward_per_member_and_one_to_classify(pool_dir):
+    method = _pool_method(pool_dir, str_layers="fc1", str_ratio=0.5)
+    xs, ys, xq, yq = _episode()
+    sizes = _count_forwards(method.backbone)
+    with method.adapt(xs, ys, 0, queries=xq) as adapted:
+        assert sizes == [2 * len(xs)] * 3 + [len(xs) + len(xq)]
+        protos = adapted.classifier.protos.clone()
+        del sizes[:]
+        adv = pgd(lambda x: F.cross_entropy(adapted.classifier(x), yq, reduction="none"), xq,
+                  8 / 255, 2 / 255, steps=4)
+        assert sizes == [len(xq)] * 4  # the attack never embeds the support again
+        assert torch.equal(adapted.classifier.protos, protos)
+        assert float((adv - xq).abs().max()) <= 8 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("name", ["pmf", "amt_ft"])
+def test_finetuning_restores_the_weights_exactly(pool_dir, name):
+    model = pool_dir / ("pm.pt" if name == "pmf" else "pool.pt")
+    method = load_method(name, model, Hyper(lr=1e-2, ft_steps=3), CPU, seed=0)
+    assert isinstance(method, FineTuned)
+    xs, ys, xq, _ = _episode()
+    before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
+    with method.adapt(xs, ys, 0, queries=xq) as adapted:
+        tuned = adapted.clean_logits
+        changed = [k for k, v in method.backbone.state_dict().items()
+                   if k in before and not torch.equal(v, before[k])]
+        assert changed  # fine-tuning moved the weights
+    after = method.backbone.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in method.backbone.parameters())
+    method.set_hyper(Hyper(lr=0.0))
+    with method.adapt(xs, ys, 0, queries=xq) as adapted:
+        assert not torch.allclose(adapted.clean_logits, tuned)
+    method.set_hyper(Hyper(lr=1e-2, ft_steps=3))
+    with method.adapt(xs, ys, 0, queries=xq) as adapted:  # same episode, same result
+        torch.testing.assert_close(adapted.clean_logits, tuned, rtol=0, atol=0)
+
+
+def test_embedding_cache_gives_the_logits_of_a_direct_forward(pool_dir):
+    method = load_method("pm", pool_dir / "pm.pt", Hyper(), CPU)
+    assert isinstance(method, FrozenMethod)
+    xs, ys, xq, _ = _episode()
+    images = torch.cat([xs, xq])
+    ids = np.arange(100, 100 + len(images)) * 3
+    order = np.random.default_rng(0).permutation(len(ids))
+    batches = [(ids[order[i:i + 4]], images[order[i:i + 4]]) for i in range(0, len(ids), 4)]
+    cache = EmbeddingCache.build(method, batches)
+    support_ids, query_ids = ids[:len(xs)], ids[len(xs):]
+    cached = method.adapt_cached(ys, cache(support_ids), cache(query_ids))
+    with method.adapt(xs, ys, 0, queries=xq) as direct:
+        torch.testing.assert_close(cached.clean_logits, direct.clean_logits, atol=1e-5,
+                                   rtol=1e-5)
+        torch.testing.assert_close(cached.classifier(xq), direct.classifier(xq))
+    with pytest.raises(KeyError, match=r"\[7\]"):
+        cache(np.array([7]))
+
+
+def test_logit_average_is_the_mean_of_the_members_alone(pool_dir):
+    method = _pool_method(pool_dir, "amt_logit_avg")
+    xs, ys, xq, yq = _episode()
+    expected = []
+    for p in range(3):
+        backbone, head = _member_model(pool_dir, p)
+        with torch.no_grad():
+            protos = torch.stack([backbone(xs)[ys == c].mean(0) for c in range(WAYS)])
+            expected.append(head(backbone(xq), protos))
+    with method.adapt(xs, ys, 0, queries=xq) as adapted:
+        mean = torch.stack(expected).mean(0)
+        torch.testing.assert_close(adapted.clean_logits, mean, atol=1e-5, rtol=1e-5)
+        x = xq.clone().requires_grad_(True)
+        F.cross_entropy(adapted.classifier(x), yq).backward()  # members swap by pointer
+        assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_diff_augment_is_pmfs_colour_and_translation():
+    x = torch.full((6, 3, 16, 16), 0.3)
+    out = diff_augment(x, torch.Generator().manual_seed(3), prob=1.0)
+    torch.testing.assert_close(out, diff_augment(x, torch.Generator().manual_seed(3), prob=1.0))
+    assert diff_augment(x, torch.Generator().manual_seed(3), prob=0.0) is x
+    for image in out:  # a flat image stays flat except for the zero band shifted in
+        values = image[image != 0]
+        assert torch.allclose(values, values[0]) and -0.2 <= float(values[0]) <= 0.8
+        zero_rows = int((image[0] == 0).all(1).sum())
+        zero_cols = int((image[0] == 0).all(0).sum())
+        assert zero_rows <= 2 and zero_cols <= 2  # at most 12.5% of 16 px
+    assert (out == 0).any()
+
+
+def test_merged_spectra_rows(pool_dir):
+    method = _pool_method(pool_dir, str_layers="fc1", str_ratio=0.5)
+    xs, ys, _, _ = _episode()
+    frame = merged_spectra(method, xs, ys, 0, "dom", "amt", layers=["mlp.fc1"])
+    assert set(frame.layer) == {"blocks.0.mlp.fc1", "blocks.1.mlp.fc1"}
+    values = frame[frame.layer == "blocks.0.mlp.fc1"].singular_value.to_numpy()
+    assert len(values) == 32 and np.all(np.diff(values) <= 1e-9)
+    assert np.all(values[16:] < 1e-4 * values[0]) and values[15] > 1e-3  # trimmed to rank 16
