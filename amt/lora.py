@@ -73,7 +73,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"{name}: cannot give {len(blocks)} output block(s) of its "
                              f"{out_features}x{in_features} weight a rank-{rank} adapter")
         parts = [svd_init(w, rank) for w in base.weight.detach().split(rows)]
-        self.rank, self.rows = rank, rows
+        self.rows = rows  # output rows per block
         self.adapter_names = tuple(name if len(blocks) == 1 else f"{name}.{b}" for b in blocks)
         self.register_buffer("residual", torch.cat([res for res, _, _ in parts]))
         bias = None if base.bias is None else base.bias.detach().clone()

@@ -346,3 +346,13 @@ def test_device_choice():
             devices.pick_device("cuda:0")
     with pytest.raises(ValueError, match="device 'gpu'"):
         devices.pick_device("gpu")
+
+
+def test_pretrain_command_on_a_store(tmp_path, tiny_domain):
+    args = _parse("pretrain", "--store", str(tiny_domain), "--arch", "tiny_vit", "--epochs", "1",
+                  "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "pre"))
+    assert args.func(args) == 0
+    manifest = json.loads((tmp_path / "pre" / MANIFEST).read_text())
+    assert manifest["classes"] == 4 and manifest["images"] == 16
+    assert manifest["config"]["flip_p"] == 0.0 and manifest["config"]["crop_scale"] == [0.5, 1.0]
+    assert build_backbone("tiny_vit", tmp_path / "pre" / MODEL, 32).embed_dim == 32
