@@ -14,7 +14,6 @@ is refused. Two tagged formats:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -26,6 +25,9 @@ from typing import Any
 import numpy as np
 import timm
 import torch
+
+from data_prep.files import file_sha256 as sha256  # noqa: F401  (re-exported: amt names it so)
+from data_prep.files import fsync_file
 
 CHECKPOINT_FORMAT = "amt-checkpoint"
 MODEL_FORMAT = "amt-model"
@@ -43,7 +45,7 @@ def save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(obj, tmp)
-        _fsync(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -54,14 +56,6 @@ def write_json_atomic(data: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_file(path: Path, published: str | None = None) -> Any:
@@ -125,14 +119,6 @@ def restore_rng(state: dict) -> None:
                          np_state["pos"], np_state["has_gauss"], np_state["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def environment() -> dict:

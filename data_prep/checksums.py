@@ -6,20 +6,13 @@ line), so ``cd RAW && sha256sum ILSVRC2012_img_train.tar > SHA256SUMS`` makes on
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+
+from data_prep.files import file_sha256
 
 
 class ChecksumError(ValueError):
     """A listed raw file is missing or its contents differ from the listed digest."""
-
-
-def file_sha256(path: Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_checksums(path: Path) -> dict[str, str]:

