@@ -85,8 +85,7 @@ def train_options(setting):
 
 def member_options(strategy, member):
     """Budget arguments of pool member `member` under a pool strategy (method.md):
-    separate: one budget each; uniform: every member at the mean budget, own seed;
-    random: a budget drawn per episode from the list, own seed."""
+    separate: one budget each; uniform: every member at the mean budget, own seed."""
     budgets = AMT["budgets"]
     switches = " ".join(
         f"--{key.replace('_', '-')}" if AMT[key] else f"--no-{key.replace('_', '-')}"
@@ -96,11 +95,9 @@ def member_options(strategy, member):
     tuning = cli_options(AMT, exclude=["budgets", "pool_strategies", "apq", "apsv"])
     if strategy == "separate":
         budget = f"--budget {budgets[member]}"
-    elif strategy == "uniform":
+    else:
         mean = sum(Fraction(str(b)) for b in budgets) / len(budgets)
         budget = f"--budget {float(mean)!r} --seed {config['seed'] + member}"
-    else:
-        budget = f"--budget-choices {' '.join(map(str, budgets))} --seed {config['seed'] + member}"
     return f"{budget} {tuning} {switches}"
 
 
