@@ -77,10 +77,7 @@ def setting_options(setting):
 def train_options(setting):
     keys = ["epochs", "episodes_per_epoch", "lr", "warmup_epochs", "rank", "checkpoint_every"]
     schedule = {key: TRAIN[key] for key in keys if key in TRAIN}
-    return (
-        f"{setting_options(setting)} {cli_options(schedule)}"
-        f" --seed {config['seed']} --device {config['device']}"
-    )
+    return f"{setting_options(setting)} {cli_options(schedule)} --device {config['device']}"
 
 
 def member_options(strategy, member):
@@ -94,7 +91,7 @@ def member_options(strategy, member):
     )
     tuning = cli_options(AMT, exclude=["budgets", "pool_strategies", "apq", "apsv"])
     if strategy == "separate":
-        budget = f"--budget {budgets[member]}"
+        budget = f"--budget {budgets[member]} --seed {config['seed']}"
     else:
         mean = sum(Fraction(str(b)) for b in budgets) / len(budgets)
         budget = f"--budget {float(mean)!r} --seed {config['seed'] + member}"

@@ -20,6 +20,7 @@ rule train_baseline:
         f"{RESULTS}/benchmarks/train/{{backbone}}_{{setting}}_{{method}}.tsv"
     params:
         common=lambda wc: train_options(wc.setting),
+        seed=config["seed"],
         out_dir=lambda wc, output: Path(output.model).parent,
     threads: 1
     resources:
@@ -29,7 +30,8 @@ rule train_baseline:
     shell:
         "OMP_NUM_THREADS={threads} python -m amt train --method {wildcards.method}"
         " --backbone {wildcards.backbone} --backbone-checkpoint {input.backbone}"
-        " --stores {input.stores} {params.common} --out {params.out_dir} > {log} 2>&1"
+        " --stores {input.stores} {params.common} --seed {params.seed}"
+        " --out {params.out_dir} > {log} 2>&1"
 
 
 rule train_amt_member:
