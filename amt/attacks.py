@@ -46,6 +46,38 @@ def pgd(loss_fn: LossFn, x: Tensor, eps: float, alpha: float, steps: int, norm: 
     return best
 
 
+def pgd_until_fooled(logits_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps: float,
+                     alpha: float, steps: int, norm: str = "linf", random_start: bool = True,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Cross-entropy PGD for evaluation, with AutoAttack's bookkeeping: an example counts as
+    fooled as soon as one iterate (the start included) is misclassified, and is attacked no
+    further. At least as strong as PGD judged at its last iterate, and cheaper: the batch
+    shrinks as examples fall, and the forward pass that gives a step's gradient also judges
+    the iterate. Returns (adversarial images: the fooling iterate or the last one, fooled)."""
+    _check_attack(x, eps, alpha, steps, norm, 1)
+    x, adv = x.detach(), x.detach().clone()
+    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    alive = torch.arange(len(x), device=x.device)
+    delta = _start(x, eps, norm, generator) if random_start else torch.zeros_like(x)
+    for step in range(steps + 1):
+        last = step == steps
+        with torch.set_grad_enabled(not last):
+            delta.requires_grad_(not last)
+            logits = logits_fn(x[alive] + delta)
+        wrong = logits.argmax(-1) != y[alive]
+        adv[alive] = (x[alive] + delta).detach()
+        fooled[alive[wrong]] = True
+        keep = ~wrong
+        if last or not keep.any():
+            break
+        loss = F.cross_entropy(logits[keep].float(), y[alive[keep]], reduction="sum")
+        (grad,) = torch.autograd.grad(loss, delta)
+        alive = alive[keep]
+        delta = _project(x[alive], _step(delta.detach()[keep], grad[keep], alpha, norm), eps,
+                         norm)
+    return adv, fooled
+
+
 def _check_attack(x: Tensor, eps: float, alpha: float, steps: int, norm: str,
                   restarts: int) -> None:
     if norm not in NORMS:
@@ -83,9 +115,13 @@ def _ascend(loss_fn: LossFn, x: Tensor, delta: Tensor, alpha: float, norm: str) 
     delta = delta.detach().requires_grad_(True)
     loss = loss_fn(x + delta)
     (grad,) = torch.autograd.grad(loss.float().sum(), delta)
+    return _step(delta.detach(), grad, alpha, norm)
+
+
+def _step(delta: Tensor, grad: Tensor, alpha: float, norm: str) -> Tensor:
     if norm == "linf":
-        return delta.detach() + alpha * grad.sign()
-    return delta.detach() + alpha * grad / _l2(grad).clamp_min(1e-12)
+        return delta + alpha * grad.sign()
+    return delta + alpha * grad / _l2(grad).clamp_min(1e-12)
 
 
 def _project(x: Tensor, delta: Tensor, eps: float, norm: str) -> Tensor:

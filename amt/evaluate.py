@@ -12,8 +12,9 @@ n_classes = N). A query counts as robust only if it is classified correctly afte
 restart; a query the clean model misclassifies is not robust (it is not attacked).
 
 Conditions (one row per episode each): clean (attack none); every (attack, norm, eps) of
-``--attacks`` (pgd: ``amt.attacks.pgd``, step size ``alpha`` or 2.5 eps / steps; apgd_ce,
-apgd_t: torchattacks' APGD / APGDT); uniform noise U(-eps, eps) at every l_inf budget of the
+``--attacks`` (pgd: ``amt.attacks.pgd_until_fooled``, step size ``alpha`` or 2.5 eps / steps,
+a query counting as broken as soon as one iterate fools the model; apgd_ce, apgd_t:
+torchattacks' APGD / APGDT); uniform noise U(-eps, eps) at every l_inf budget of the
 attacks (attack 'noise'); common corruptions of the queries (attack = the corruption, norm
 'corruption', eps = severity). Randomness comes from generators fixed by (seed, episode,
 condition): results do not depend on which other conditions run.
@@ -47,7 +48,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -64,7 +64,7 @@ from amt.adapt import (
     read_selection,
     torch_generator,
 )
-from amt.attacks import pgd
+from amt.attacks import pgd_until_fooled
 from amt.checkpoints import sha256, write_json_atomic
 from amt.corruptions import CORRUPTIONS, corrupt
 from amt.episodes import (
@@ -282,10 +282,9 @@ def robust_correct(classifier: nn.Module, xq: Tensor, yq: Tensor, spec: AttackSp
     if spec.attack == "pgd":
         generator = torch_generator(seed, *keys, device=xq.device)
         for _ in range(spec.restarts):  # each restart attacks the queries still standing
-            adv = pgd(lambda v, y=y: F.cross_entropy(classifier(v), y, reduction="none"), x, eps,
-                      spec.step_size(eps), spec.steps, spec.norm, spec.random_start, 1,
-                      generator)
-            kept = _predict(classifier, adv) == y
+            _, fooled = pgd_until_fooled(classifier, x, y, eps, spec.step_size(eps), spec.steps,
+                                         spec.norm, spec.random_start, generator)
+            kept = ~fooled
             alive, x, y = alive[kept], x[kept], y[kept]
             if len(alive) == 0:
                 break

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from amt import devices
 from amt.attacks import KL_DIRECTIONS, kl_divergence, kl_query_attack
-from amt.backbones import BACKBONES, Backbone, build_backbone, get_spec
+from amt.backbones import BACKBONES, Backbone, build_backbone, freeze_and_fold_norms, get_spec
 from amt.checkpoints import (
     CHECKPOINT_FORMAT,
     FORMAT_VERSION,
@@ -596,7 +596,7 @@ def pretrain(config: PretrainConfig, dataset: Dataset, num_classes: int, out_dir
     device = devices.pick_device(config.device)
     devices.reset_peak_memory(device)
     torch.manual_seed(config.seed)
-    backbone = build_backbone(config.arch, None, config.image_size).to(device)
+    backbone = build_backbone(config.arch, None, config.image_size, frozen_norms=False).to(device)
     classifier = nn.Linear(backbone.embed_dim, num_classes).to(device)
     model = nn.Sequential(backbone, classifier)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
@@ -612,7 +612,8 @@ def pretrain(config: PretrainConfig, dataset: Dataset, num_classes: int, out_dir
         csv.writer(f).writerows([("epoch", "loss", "acc", "lr", "seconds"), *rows])
     save_atomic({"format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "method": "pretrain",
                  "backbone": config.arch, "image_size": config.image_size,
-                 "backbone_state": _cpu(backbone.vit.state_dict()),
+                 # norms frozen as build_backbone loads them, and folded into the convs
+                 "backbone_state": _cpu(freeze_and_fold_norms(backbone.vit).state_dict()),
                  "classifier": _cpu(classifier.state_dict()), "num_classes": num_classes,
                  "config": asdict(config)}, out_dir / MODEL)
     write_json_atomic({

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amt.attacks import kl_divergence, kl_query_attack, pgd
+from amt.attacks import kl_divergence, kl_query_attack, pgd, pgd_until_fooled
 from amt.backbones import build_backbone
 from amt.protonet import ProtoHead, prototypes
 
@@ -55,6 +55,47 @@ def test_pgd_is_deterministic_given_a_generator_and_leaves_no_param_grads(proble
             for _ in range(2)]
     assert torch.equal(*runs)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_until_fooled_stays_in_ball_and_box_and_its_verdicts_hold(problem, norm):
+    model, x, _ = problem
+    with torch.no_grad():
+        y = model(x).argmax(-1)  # every query correct before the attack
+    eps = 2 / 255 if norm == "linf" else 0.1
+    adv, fooled = pgd_until_fooled(model, x, y, eps, eps / 4, 10, norm,
+                                   generator=torch.Generator().manual_seed(1))
+    delta = adv - x
+    size = delta.abs().flatten(1).amax(1) if norm == "linf" else delta.flatten(1).norm(dim=1)
+    assert size.max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        wrong = model(adv).argmax(-1) != y
+    assert torch.equal(fooled, wrong)  # every verdict is backed by the image returned
+    assert 0 < fooled.sum() < len(y)  # a real test: some fall, some stand
+
+
+def test_pgd_until_fooled_is_at_least_as_strong_as_last_iterate_pgd(problem):
+    model, x, y = problem
+    for seed in range(5):
+        adv = pgd(_ce(model, y), x, EPS, EPS / 4, 10,
+                  generator=torch.Generator().manual_seed(seed))
+        _, fooled = pgd_until_fooled(model, x, y, EPS, EPS / 4, 10,
+                                     generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            plain = model(adv).argmax(-1) != y
+        assert not (plain & ~fooled).any()  # same start, same steps until a query falls
+
+
+def test_pgd_until_fooled_stops_attacking_fallen_queries(problem):
+    model, x, y = problem
+    seen = []
+
+    def counting(images):
+        seen.append(len(images))
+        return model(images)
+
+    _, fooled = pgd_until_fooled(counting, x, y, 0.5, 0.1, 10)
+    assert fooled.all() and seen[0] == len(x) and len(seen) < 11 and seen == sorted(seen)[::-1]
 
 
 def test_restarts_keep_each_examples_best(problem):

@@ -5,11 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
+from torch import nn
 
 from amt.backbones import (
     BACKBONES,
     Backbone,
     build_backbone,
+    freeze_and_fold_norms,
     remap_deit,
     remap_dino,
     remap_ibot,
@@ -121,3 +123,27 @@ def test_pickled_code_is_refused(tmp_path, tiny_state):
 def test_unknown_backbone_lists_known_ones():
     with pytest.raises(ValueError, match="'vit_huge'.*'dino_vits16'"):
         build_backbone("vit_huge", None, 128)
+
+
+def test_small_vit_stem_folds_its_norms_without_changing_the_function():
+    torch.manual_seed(0)
+    backbone = build_backbone("small_vit", None, 32, frozen_norms=False)
+    backbone.train()
+    backbone(torch.rand(16, 3, 32, 32))  # BatchNorm statistics move in pretraining
+    x = torch.rand(4, 3, 32, 32)
+    backbone.eval()
+    expected = backbone(x)
+    folded = freeze_and_fold_norms(backbone.vit)
+    norms = [m for m in folded.modules() if hasattr(m, "running_var")]
+    assert norms and all(torch.allclose(m.weight, torch.ones_like(m.weight)) for m in norms)
+    folded.train()  # frozen: train mode neither uses nor updates batch statistics
+    assert torch.allclose(backbone(x), expected, atol=1e-5)
+    assert torch.allclose(backbone(x[:1]), expected[:1], atol=1e-5)
+
+
+def test_small_vit_is_built_with_frozen_norms_by_default():
+    backbone = build_backbone("small_vit", None, 32).train()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    backbone(torch.rand(8, 3, 32, 32))
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())

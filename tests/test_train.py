@@ -293,7 +293,7 @@ def test_cli_flags_override_config_defaults():
                       "--backbone-checkpoint", "w.pt", "--stores", "a.h5", "--variable",
                       "--out", "o")
     assert train_config_from_args(variable).setting == {"variable": True}
-    assert train_config_from_args(variable).image_size == 64
+    assert train_config_from_args(variable).image_size == 32
     with pytest.raises(SystemExit):
         _parse("train", "--method", "amt", "--budget", "eight")
 
@@ -321,7 +321,7 @@ def test_pretrain_writes_a_backbone_that_build_backbone_loads(tmp_path):
     assert torch.equal(backbone.vit.pos_embed, stored["backbone_state"]["pos_embed"])
     assert json.loads((tmp_path / "pre" / MANIFEST).read_text())["classes"] == 4
     with pytest.raises(CheckpointError, match="holds backbone 'tiny_vit', not 'small_vit'"):
-        build_backbone("small_vit", path, 64)
+        build_backbone("small_vit", path, 32)
 
 
 def test_store_images_are_deterministic_per_epoch(tiny_domain):
