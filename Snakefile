@@ -20,7 +20,7 @@ wildcard_constraints:
     kind="test|valid",
     source="|".join(sorted(FETCHED)),
     backbone="|".join(config["backbones"]),
-    strategy="separate|uniform",
+    strategy="separate|uniform|random",
     member="[0-9]+",
     method="[a-z_]+",
 

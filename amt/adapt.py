@@ -89,7 +89,11 @@ RECIPES: dict[str, Recipe] = {
     "amt_weight_avg": Recipe("uniform", trim=True),
     "amt_no_ttm": Recipe("uniform", trim=False),
     "amt_logit_avg": Recipe("logits", trim=False),
+    # AMT on the pools of the other strategies (train.amt.pool_strategies): the pool ablation
+    "amt_pool_uniform": Recipe("ttm", trim=True),
+    "amt_pool_random": Recipe("ttm", trim=True),
 }
+POOL_STRATEGY_METHODS = {"amt_pool_uniform": "uniform", "amt_pool_random": "random"}
 MODEL_METHODS = ("pm", "pmf", "lora")  # evaluated from a model.pt; the others from a pool file
 METHODS = (*MODEL_METHODS, *RECIPES)
 MERGING = ("lora", *(n for n, r in RECIPES.items() if r.combine != "logits"))  # merged weights
@@ -100,6 +104,7 @@ TUNED: dict[str, tuple[str, ...]] = {
     "amt": ("beta", "gamma", "top_k", *_STR), "amt_ft": ("beta", "gamma", "top_k", *_STR, "lr"),
     "amt_no_str": ("beta", "gamma", "top_k"), "amt_single_best": ("gamma", *_STR),
     "amt_weight_avg": _STR, "amt_no_ttm": (), "amt_logit_avg": (),
+    **dict.fromkeys(POOL_STRATEGY_METHODS, ("beta", "gamma", "top_k", *_STR)),
 }
 
 

@@ -35,6 +35,19 @@ def check_config(config: dict) -> None:
     _check_names("domains", "evaluate.targets", config["evaluate"]["targets"], list(domains))
     _check_names("settings", "evaluate.settings", config["evaluate"]["settings"], settings)
     _check_grids(config["evaluate"])
+    _check_pools(config["evaluate"], train)
+
+
+def _check_pools(evaluate: dict, train: dict) -> None:
+    """amt_pool_<strategy> evaluates the pool of that strategy, which training must build."""
+    from amt.adapt import POOL_STRATEGY_METHODS
+
+    trained = train.get("amt", {}).get("pool_strategies", ["separate"])
+    for method in evaluate["methods"]:
+        strategy = POOL_STRATEGY_METHODS.get(method)
+        if strategy and strategy not in trained:
+            raise ConfigError(f"config key evaluate.methods: {method} needs the {strategy!r} "
+                              f"pool; add it to train.amt.pool_strategies (now {trained})")
 
 
 def _check_grids(evaluate: dict) -> None:

@@ -63,6 +63,7 @@ LOG_COLUMNS = ("episode", "loss", "ce", "kl", "acc", "adv_acc", "lr", "seconds")
 # Knobs that may change when a run is resumed: they do not change the numbers on the CPU.
 RESUMABLE_CHANGES = ("device", "workers", "log_every", "checkpoint_every")
 _AWP_EPS = 1e-20  # AWP's guard against a zero ascent direction
+_BUDGET_STREAM = 1  # keeps the budget draw apart from the attack start's stream
 
 
 class TrainingError(RuntimeError):
@@ -88,6 +89,9 @@ class TrainConfig:
     rank: int = 8
     targets: tuple[str, ...] = DEFAULT_TARGETS
     budget: float = 8 / 255  # APQ's l_inf radius in [0, 1] pixels
+    # The 'random' pool strategy: each episode draws its budget from these instead (uniformly,
+    # from the run seed and the episode index, so a resumed run draws the same).
+    budget_choices: tuple[float, ...] = ()
     attack_steps: int = 10
     attack_alpha: float | None = None  # None -> budget / 4
     attack_random_start: bool = True  # a zero start leaves a KL attack at the clean queries
@@ -104,6 +108,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
+        self.budget_choices = tuple(self.budget_choices)
+        for i, eps in enumerate(self.budget_choices):
+            _at_least(f"budget_choices[{i}]", eps, 0.0)
         if self.image_size is None:
             self.image_size = get_spec(self.backbone).image_size
         _choice("method", self.method, METHODS)
@@ -123,13 +130,20 @@ class TrainConfig:
     def total_episodes(self) -> int:
         return self.epochs * self.episodes_per_epoch
 
-    @property
-    def alpha(self) -> float:
-        return self.budget / 4 if self.attack_alpha is None else self.attack_alpha
+    def episode_budget(self, index: int) -> float:
+        """APQ's budget in episode ``index``: ``budget``, or one of ``budget_choices``."""
+        if not self.budget_choices:
+            return self.budget
+        rng = np.random.default_rng([self.seed, index, _BUDGET_STREAM])
+        return self.budget_choices[int(rng.integers(len(self.budget_choices)))]
+
+    def alpha(self, budget: float) -> float:
+        return budget / 4 if self.attack_alpha is None else self.attack_alpha
 
     @property
     def adversarial_queries(self) -> bool:
-        return self.method == "amt" and self.apq and self.budget > 0
+        return self.method == "amt" and self.apq and \
+            max(self.budget_choices or (self.budget,)) > 0
 
     @property
     def perturbed_adapters(self) -> bool:
@@ -270,7 +284,8 @@ class MetaTuner:
                                                                           index))
         cfg = self.config
         with self._frozen():
-            return kl_query_attack(logits, xq, cfg.budget, cfg.alpha, cfg.attack_steps,
+            budget = cfg.episode_budget(index)
+            return kl_query_attack(logits, xq, budget, cfg.alpha(budget), cfg.attack_steps,
                                    cfg.attack_random_start, cfg.kl_direction, generator)
 
     @contextlib.contextmanager
@@ -709,6 +724,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(option, dest=key, type=kind, help=text)
     for option, key in _TRAIN_SWITCHES.items():
         p.add_argument(option, dest=key, action=argparse.BooleanOptionalAction)
+    p.add_argument("--budget-choices", dest="budget_choices", type=budget_value, nargs="+",
+                   help="draw each episode's APQ budget from these (the 'random' pool)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_train)
 
@@ -725,7 +742,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Flags given on the command line override TrainConfig's defaults (defined only there)."""
-    keys = [key for key, _, _ in _TRAIN_OPTIONS.values()] + list(_TRAIN_SWITCHES.values())
+    keys = [key for key, _, _ in _TRAIN_OPTIONS.values()] + list(_TRAIN_SWITCHES.values()) + \
+        ["budget_choices"]
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     fixed = {k: getattr(args, k) for k in ("ways", "shots", "queries")
              if getattr(args, k) is not None}

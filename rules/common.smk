@@ -82,7 +82,8 @@ def train_options(setting):
 
 def member_options(strategy, member):
     """Budget arguments of pool member `member` under a pool strategy (method.md):
-    separate: one budget each; uniform: every member at the mean budget, own seed."""
+    separate: one budget each; uniform: every member at the mean budget, own seed;
+    random: every member draws a budget from the list per episode, own seed."""
     budgets = AMT["budgets"]
     switches = " ".join(
         f"--{key.replace('_', '-')}" if AMT[key] else f"--no-{key.replace('_', '-')}"
@@ -92,6 +93,8 @@ def member_options(strategy, member):
     tuning = cli_options(AMT, exclude=["budgets", "pool_strategies", "apq", "apsv"])
     if strategy == "separate":
         budget = f"--budget {budgets[member]} --seed {config['seed']}"
+    elif strategy == "random":
+        budget = f"--budget-choices {' '.join(map(str, budgets))} --seed {config['seed'] + member}"
     else:
         mean = sum(Fraction(str(b)) for b in budgets) / len(budgets)
         budget = f"--budget {float(mean)!r} --seed {config['seed'] + member}"
@@ -123,13 +126,15 @@ def model_targets():
 EVALUATE = config["evaluate"]
 EVAL_BACKBONES = TRAIN["backbones"]
 POOL_METHODS = ("amt", "amt_ft", "amt_no_str", "amt_single_best", "amt_weight_avg",
-                "amt_no_ttm", "amt_logit_avg")
+                "amt_no_ttm", "amt_logit_avg", "amt_pool_uniform", "amt_pool_random")
 
 
 def eval_model(backbone, setting, method):
-    """The trained file a test-time method starts from."""
+    """The trained file a test-time method starts from: amt_pool_<strategy> the pool of that
+    strategy, the other amt methods the separate pool."""
     if method in POOL_METHODS:
-        return f"{MODELS}/{backbone}/{setting}/amt_separate/pool.pt"
+        strategy = method.removeprefix("amt_pool_") if method.startswith("amt_pool_") else "separate"
+        return f"{MODELS}/{backbone}/{setting}/amt_{strategy}/pool.pt"
     trained = "lora" if method == "lora" else "pm"
     return f"{MODELS}/{backbone}/{setting}/{trained}/model.pt"
 

@@ -122,3 +122,14 @@ def test_budget_strings_are_checked() -> None:
     config = copy.deepcopy(DEFAULT)
     config["train"]["amt"]["budgets"] = ["8/255", "eight"]
     assert any("eight" in message for message in errors(config))
+
+
+def test_pool_ablation_needs_its_pool_trained() -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["evaluate"]["methods"].append("amt_pool_random")
+    config["evaluate"]["grids"]["amt_pool_random"] = config["evaluate"]["grids"]["amt"]
+    with pytest.raises(ConfigError, match=r"amt_pool_random needs the 'random' pool.*"
+                                          r"train\.amt\.pool_strategies"):
+        check_config(config)
+    config["train"]["amt"]["pool_strategies"] = ["separate", "random"]
+    check_config(config)

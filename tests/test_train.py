@@ -153,6 +153,24 @@ def test_amt_step_attacks_the_queries():
     assert metrics.loss == pytest.approx(metrics.ce + 6.0 * metrics.kl, rel=1e-5)
 
 
+def test_random_pool_budget_is_drawn_per_episode_and_bounds_the_attack():
+    choices = (1 / 255, 4 / 255, 16 / 255)
+    config = _config(None, budget_choices=choices, attack_steps=2)
+    drawn = [config.episode_budget(i) for i in range(40)]
+    assert set(drawn) == set(choices)  # every choice appears, nothing else
+    assert drawn == [config.episode_budget(i) for i in range(40)]  # resumption draws the same
+    assert drawn != [_config(None, budget_choices=choices, seed=1).episode_budget(i)
+                     for i in range(40)]  # pool members with their own seeds differ
+    assert _config(None, budget=2 / 255).episode_budget(7) == 2 / 255
+    torch.manual_seed(0)
+    tuner = MetaTuner(config, CPU)
+    for index in (drawn.index(choices[0]), drawn.index(choices[2])):
+        xs, ys, xq, _ = Episodes(index + 1)[index]
+        size = (tuner.adversarial_queries(xs, ys, xq, int(ys.max()) + 1, index) - xq).abs().max()
+        assert choices[0] / 2 < size <= config.episode_budget(index) + 1e-6
+        assert size > config.episode_budget(index) / 2  # the episode's own budget, not another
+
+
 def _read_log(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -278,13 +296,20 @@ def _parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def test_budget_choices_flag():
+    args = _parse("train", "--method", "amt", "--backbone", "small_vit", "--backbone-checkpoint",
+                  "w.pt", "--stores", "a.h5", "--budget-choices", "1/255", "4/255", "--out", "o")
+    assert train_config_from_args(args).budget_choices == (1 / 255, 4 / 255)
+
+
 def test_cli_flags_override_config_defaults():
     args = _parse("train", "--method", "amt", "--backbone", "dino_vits16",
                   "--backbone-checkpoint", "w.pth", "--stores", "a.h5", "b.h5", "--shots", "5",
                   "--budget", "4/255", "--no-apsv", "--attack-steps", "7", "--out", "o")
     config = train_config_from_args(args)
     defaults = TrainConfig()
-    assert config.budget == pytest.approx(4 / 255) and config.alpha == pytest.approx(1 / 255)
+    assert config.budget == pytest.approx(4 / 255) and \
+        config.alpha(config.budget) == pytest.approx(1 / 255)
     assert config.setting == {"ways": 5, "shots": 5, "queries": 15}
     assert (config.apsv, config.apq, config.attack_steps) == (False, True, 7)
     assert (config.lr, config.epochs, config.image_size) == (defaults.lr, defaults.epochs, 128)
