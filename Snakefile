@@ -5,7 +5,11 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The built-in default, unless the command line gives a whole config of its own
+# (`--configfile configs/paper.yaml`); use `--configfiles config.yaml overlay.yaml` to extend it.
+if not config:
+
+    configfile: "config.yaml"
 
 
 validate(config, "schemas/config.schema.yaml")
