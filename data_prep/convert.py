@@ -63,7 +63,8 @@ class ConversionReport:
     images: int = 0
     classes: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # this run's; a resumed run does not count the earlier ones
+    resumed_after_classes: int = 0  # classes a previous run's partial file already held
 
     def write(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".partial")
@@ -185,15 +186,20 @@ def write_domain(
     writer = DomainWriter(
         out, source=source, converter_version=converter_version,
         class_names=[c.name for c in classes], class_splits=[c.split for c in classes],
-        settings={**settings.as_dict(), **(extra_settings or {})}, hierarchy=hierarchy)
+        settings={**settings.as_dict(), **(extra_settings or {})}, hierarchy=hierarchy,
+        plan={"class_sizes": [len(c.items) for c in classes]})
     with writer:
-        results = _encoded((item for c in classes for item in c.items), load, settings, workers)
-        labelled = ((label, item) for label, c in enumerate(classes) for item in c.items)
+        start = writer.resume_class  # > 0: a previous run's partial file had these classes
+        report.resumed_after_classes = start
+        todo = list(enumerate(classes))[start:]
+        results = _encoded((item for _, c in todo for item in c.items), load, settings, workers)
+        labelled = ((label, item) for label, c in todo for item in c.items)
         progress = tqdm(zip(labelled, results, strict=True), total=total,
+                        initial=sum(len(c.items) for c in classes[:start]),
                         desc=f"convert {source}", unit="img", mininterval=2.0)
         for (label, item), result in progress:
             if isinstance(result, str):
-                writer.skip(item_name(item), result)
+                writer.skip(item_name(item), result, label)
                 continue
             writer.add(label, *result)
         bad = len(writer.skipped)

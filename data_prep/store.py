@@ -16,15 +16,22 @@ Layout (format version 1, documented in docs/format.md):
 
 Writes go to ``<out>.partial`` and are renamed only after everything (including the ``complete``
 attribute) is on disk, so a killed conversion never leaves a file that passes as complete.
+A conversion that stops part way keeps its ``.partial`` file: at class boundaries, at most every
+``COMMIT_SECONDS``, the writer flushes and records how many classes and images are complete, and
+a rerun with the same plan (source, converter version, classes and their item counts,
+settings) reopens the file, drops whatever came after the last commit and goes on from there.
+A partial file that cannot be opened, or that belongs to another plan, is started over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import os
+import time
 import zlib
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,11 +43,16 @@ from PIL import Image
 
 from data_prep.files import fsync_file
 
+log = logging.getLogger(__name__)
+
 FORMAT_NAME = "amt-domain"
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
 _WRITE_CHUNK = 1024
 _BYTE_CHUNK = 1 << 16
+COMMIT_SECONDS = 30.0  # most work a stopped conversion loses (plus the class in progress)
+_GROWING = ("shapes", "checksums", "labels")  # one row per image, appended while writing
+_FINISHED = ("class_offsets", "classes", "hierarchy", "skipped")  # written by _finish only
 
 
 class StoreError(ValueError):
@@ -111,6 +123,7 @@ class DomainWriter:
         class_splits: Sequence[str],
         settings: dict | None = None,
         hierarchy: Hierarchy | None = None,
+        plan: dict | None = None,
     ) -> None:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
@@ -121,12 +134,17 @@ class DomainWriter:
         self.converter_version = converter_version
         self.settings = dict(settings or {})
         self.hierarchy = hierarchy
+        self.fingerprint = _fingerprint(source, converter_version, self.class_names,
+                                        self.class_splits, self.settings, plan)
         self._file: h5py.File | None = None
         self._pending: list[tuple[int, bytes, tuple[int, int, int]]] = []
         self._count = 0
+        self._bytes = 0
         self._last_label = 0
         self._counts = np.zeros(len(self.class_names), dtype=np.int64)
         self._skipped: list[tuple[str, str]] = []
+        self.resume_class = 0  # classes before it were complete in a previous run's commit
+        self._committed_at = time.monotonic()
 
     def _check_classes(self, names: Sequence[str], splits: Sequence[str]) -> None:
         if len(names) != len(splits):
@@ -142,21 +160,73 @@ class DomainWriter:
 
     def __enter__(self) -> DomainWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not (self.partial.exists() and self._resume()):
+            self._start()
+        return self
+
+    def _start(self) -> None:
         self.partial.unlink(missing_ok=True)
-        self._file = h5py.File(self.partial, "w")
-        f = self._file
-        f.attrs["format"] = FORMAT_NAME
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["complete"] = False
+        self._file = f = h5py.File(self.partial, "w")
+        f.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                        "complete": False, "fingerprint": self.fingerprint})
         f.create_dataset("image_bytes", (0,), maxshape=(None,), dtype=np.uint8,
                          chunks=(_BYTE_CHUNK,))
-        self._offsets = array("q", [0])  # compact: QuickDraw has 50 M images
+        f.create_dataset("image_offsets", data=np.zeros(1, np.int64), maxshape=(None,),
+                         chunks=(_WRITE_CHUNK,))
         f.create_dataset("shapes", (0, 3), maxshape=(None, 3), dtype=np.uint16,
                          chunks=(_WRITE_CHUNK, 3))
         f.create_dataset("checksums", (0,), maxshape=(None,), dtype=np.uint32,
                          chunks=(_WRITE_CHUNK,))
         f.create_dataset("labels", (0,), maxshape=(None,), dtype=np.int32, chunks=(_WRITE_CHUNK,))
-        return self
+
+    def _resume(self) -> bool:
+        """Reopen a previous run's partial file at its last commit; False: start over."""
+        try:
+            f = h5py.File(self.partial, "r+")
+        except OSError as err:
+            log.warning("%s: unreadable (%s); starting over", self.partial, err)
+            return False
+        try:
+            attrs = f.attrs
+            if attrs.get("fingerprint") != self.fingerprint or "committed_images" not in attrs:
+                log.warning("%s: from another conversion plan or never committed; starting "
+                            "over", self.partial)
+                f.close()
+                return False
+            images, classes = int(attrs["committed_images"]), int(attrs["committed_classes"])
+            offsets = f["image_offsets"][:images + 1]
+            labels = f["labels"][:images]
+            for name in _GROWING:
+                f[name].resize(images, axis=0)
+            f["image_offsets"].resize(images + 1, axis=0)
+            f["image_bytes"].resize(int(offsets[-1]), axis=0)
+            for name in _FINISHED:  # a run that failed while finishing may have left some
+                if name in f:
+                    del f[name]
+        except (OSError, KeyError, ValueError) as err:
+            log.warning("%s: inconsistent (%s); starting over", self.partial, err)
+            f.close()
+            return False
+        self._file, self._count, self._bytes = f, images, int(offsets[-1])
+        self._counts[:classes] = np.bincount(labels, minlength=len(self._counts))[:classes]
+        self._skipped = [tuple(pair) for pair in json.loads(attrs["committed_skipped"])]
+        self.resume_class = self._last_label = classes
+        log.info("%s: resuming after %d of %d classes (%d images already written)",
+                 self.partial, classes, len(self.class_names), images)
+        return True
+
+    def _boundary(self, label: int) -> None:
+        """Entering class ``label``: every class before it is complete, a commit point."""
+        if label > self._last_label and \
+                time.monotonic() - self._committed_at >= COMMIT_SECONDS:
+            self._commit(label)
+
+    def _commit(self, classes: int) -> None:
+        self._flush()
+        self._file.attrs.update({"committed_images": self._count, "committed_classes": classes,
+                                 "committed_skipped": json.dumps(self._skipped)})
+        self._file.flush()
+        self._committed_at = time.monotonic()
 
     def add(self, label: int, data: bytes, shape: tuple[int, ...]) -> None:
         """Append one encoded image of class ``label`` whose decoded shape is ``shape``."""
@@ -167,14 +237,19 @@ class DomainWriter:
                              "images must be grouped by class in increasing order")
         height, width = shape[:2]
         channels = shape[2] if len(shape) == 3 else 1
+        self._boundary(label)
         self._last_label = label
         self._counts[label] += 1
         self._pending.append((label, data, (height, width, channels)))
         if len(self._pending) >= _WRITE_CHUNK:
             self._flush()
 
-    def skip(self, name: str, reason: str) -> None:
-        """Record a raw file that could not be used; it is listed in the output, never hidden."""
+    def skip(self, name: str, reason: str, label: int | None = None) -> None:
+        """Record a raw file (of class ``label``) that could not be used; it is listed in the
+        output, never hidden."""
+        if label is not None:
+            self._boundary(label)
+            self._last_label = max(self._last_label, label)
         self._skipped.append((name, reason))
 
     @property
@@ -186,14 +261,15 @@ class DomainWriter:
             return
         f = self._file
         start, n = self._count, len(self._pending)
-        for name in ("shapes", "checksums", "labels"):
+        for name in _GROWING:
             f[name].resize(start + n, axis=0)
         blob = b"".join(data for _, data, _ in self._pending)
-        byte_start = self._offsets[-1]
-        f["image_bytes"].resize(byte_start + len(blob), axis=0)
-        f["image_bytes"][byte_start:] = np.frombuffer(blob, dtype=np.uint8)
-        for _, data, _ in self._pending:
-            self._offsets.append(self._offsets[-1] + len(data))
+        f["image_bytes"].resize(self._bytes + len(blob), axis=0)
+        f["image_bytes"][self._bytes:] = np.frombuffer(blob, dtype=np.uint8)
+        ends = self._bytes + np.cumsum([len(data) for _, data, _ in self._pending])
+        f["image_offsets"].resize(start + n + 1, axis=0)
+        f["image_offsets"][start + 1:] = ends
+        self._bytes = int(ends[-1])
         f["shapes"][start:] = np.array([s for _, _, s in self._pending], dtype=np.uint16)
         f["checksums"][start:] = np.array([zlib.crc32(d) for _, d, _ in self._pending],
                                           dtype=np.uint32)
@@ -209,7 +285,6 @@ class DomainWriter:
             raise StoreError(f"{self.path}: {len(empty)} classes have no images: {shown}")
         f = self._file
         str_dtype = h5py.string_dtype()
-        f.create_dataset("image_offsets", data=np.frombuffer(self._offsets, dtype=np.int64))
         f.create_dataset("class_offsets", data=np.concatenate([[0], np.cumsum(self._counts)]))
         f.create_dataset("classes/names", data=np.array(self.class_names, dtype=object),
                          dtype=str_dtype)
@@ -232,6 +307,8 @@ class DomainWriter:
             "num_skipped": len(self._skipped),
             "split_classes": json.dumps({s: self.class_splits.count(s) for s in SPLITS}),
         })
+        for key in ("committed_images", "committed_classes", "committed_skipped"):
+            f.attrs.pop(key, None)  # bookkeeping of an unfinished file
         f.attrs["complete"] = True
 
     def _write_hierarchy(self, group: h5py.Group, str_dtype) -> None:
@@ -255,13 +332,25 @@ class DomainWriter:
                 self._finish()
                 finished = True
         finally:
+            committed = "committed_images" in self._file.attrs
             self._file.close()
             self._file = None
             if finished:
                 fsync_file(self.partial)
                 os.replace(self.partial, self.path)
+            elif committed:
+                log.warning("%s: kept; rerunning the conversion resumes from its last commit",
+                            self.partial)
             else:
-                self.partial.unlink(missing_ok=True)
+                self.partial.unlink()  # nothing committed: nothing worth keeping
+
+
+def _fingerprint(source: str, version: str, names: list[str], splits: list[str], settings: dict,
+                 plan: dict | None) -> str:
+    """What a partial file must match to be resumed."""
+    text = json.dumps([source, version, names, splits, settings, plan], sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class DomainStore:
