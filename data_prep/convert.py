@@ -8,9 +8,12 @@ items, failing when too many are bad, and writing the HDF5 file plus a JSON repo
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 Loader = Callable[[Any], "Image.Image | np.ndarray"]
 _CHUNK = 64  # items per task sent to a worker process
+_PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
 _IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: keeps workers busy, memory bounded
 
 
@@ -116,14 +120,31 @@ def _encoded(items: Iterable[Any], load: Loader, settings: StorageSettings, work
     if workers <= 1:
         yield from (_encode_item(item, load, settings) for item in items)
         return
-    with ProcessPoolExecutor(workers) as pool:
-        pending: deque[Future] = deque()
+    pool = ProcessPoolExecutor(workers, initializer=_worker_init)
+    pending: deque[Future] = deque()
+    try:
         for chunk in _chunks(items, _CHUNK):
             pending.append(pool.submit(_encode_chunk, chunk, load, settings))
             if len(pending) >= _IN_FLIGHT_PER_WORKER * workers:
                 yield from pending.popleft().result()
         while pending:
             yield from pending.popleft().result()
+    except BaseException:
+        # Ctrl-C or an error: drop the queued chunks and do not wait for the running ones (a
+        # second Ctrl-C during that wait would leave the pool's manager thread hanging).
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def _worker_init() -> None:
+    """Workers leave Ctrl-C to the main process, which stops the pool (a worker interrupted in
+    the middle of a chunk would leave the pool's manager thread waiting forever), and end when
+    the main process is killed instead of lingering with the output file's lock (Linux)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # not Linux (no prctl): a killed conversion's workers may linger
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
