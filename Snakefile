@@ -5,9 +5,10 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-# The built-in default, unless the command line gives a whole config of its own
+# The built-in default, unless the command line gives whole config files of its own
 # (`--configfile configs/paper.yaml`); use `--configfiles config.yaml overlay.yaml` to extend it.
-if not config:
+# `--config key=value` overrides keys of either.
+if not workflow.overwrite_configfiles:
 
     configfile: "config.yaml"
 
