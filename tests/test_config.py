@@ -133,3 +133,25 @@ def test_pool_ablation_needs_its_pool_trained() -> None:
         check_config(config)
     config["train"]["amt"]["pool_strategies"] = ["separate", "random"]
     check_config(config)
+
+
+def _dry_run(tmp_path: Path, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-p", *args, "-d", str(tmp_path),
+         "-s", str(ROOT / "Snakefile")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout + result.stderr
+
+
+def test_configfile_replaces_the_default_and_config_overrides_it(tmp_path: Path) -> None:
+    own = copy.deepcopy(DEFAULT)
+    own["seed"] = 5
+    for name in ("animals", "digits"):  # a config of its own without these domains
+        del own["domains"][name]
+        own["evaluate"]["targets"].remove(name)
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump(own))
+    output = _dry_run(tmp_path, "--configfile", str(path))
+    assert "--seed 5" in output and "convert_digits" not in output  # not merged into the default
+    output = _dry_run(tmp_path, "--config", "seed=7")
+    assert "--seed 7" in output and "convert_digits" in output  # the default, one key overridden
