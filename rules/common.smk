@@ -123,6 +123,27 @@ def model_targets():
     return targets
 
 
+def training_logs():
+    """Every train_log.csv the trained models leave: pretraining, baselines, pool members."""
+    logs = [
+        f"{RESULTS}/backbones/{b}/train_log.csv"
+        for b in TRAIN["backbones"]
+        if "pretrain" in config["backbones"][b]
+    ]
+    for backbone in TRAIN["backbones"]:
+        for setting in TRAIN["settings"]:
+            for method in TRAIN["methods"]:
+                if method != "amt":
+                    logs.append(f"{MODELS}/{backbone}/{setting}/{method}/train_log.csv")
+                    continue
+                logs += [
+                    str(Path(member).with_name("train_log.csv"))
+                    for strategy in POOL_STRATEGIES
+                    for member in pool_members(backbone, setting, strategy)
+                ]
+    return logs
+
+
 EVALUATE = config["evaluate"]
 EVAL_BACKBONES = TRAIN["backbones"]
 POOL_METHODS = ("amt", "amt_ft", "amt_no_str", "amt_single_best", "amt_weight_avg",

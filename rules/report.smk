@@ -4,6 +4,7 @@
 rule report:
     input:
         rows=eval_targets(),
+        training=training_logs(),
     output:
         tables=report(
             directory(f"{RESULTS}/tables"),
@@ -23,9 +24,11 @@ rule report:
         f"{RESULTS}/logs/report/report.log",
     params:
         spectra=lambda wc, input: spectra_files(input.rows),
+        root=lambda wc, output: Path(output.tables).parent,
     resources:
         mem_mb=4000,
         runtime=30,
     shell:
         "python -m amt report --results {input.rows} {params.spectra}"
+        " --training-logs {input.training} --results-root {params.root}"
         " --tables-dir {output.tables} --figures-dir {output.figures} > {log} 2>&1"

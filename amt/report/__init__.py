@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 def cmd_report(args: argparse.Namespace) -> int:
     """Load and validate the results (and spectra), then write every table and figure; 1 when
     an input file is missing or malformed (the log names the file and the problem)."""
-    from amt.report.figures import build_figures
+    from amt.report.figures import build_figures, build_training_figures
     from amt.report.results import ResultsError, load_results, load_spectra
     from amt.report.tables import build_tables
 
@@ -28,6 +28,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 1
     tables = build_tables(results, args.tables_dir, reference=args.reference_method)
     figures = build_figures(results, spectra, args.figures_dir)
+    if args.training_logs:
+        try:
+            figures += build_training_figures(args.training_logs, args.results_root,
+                                              args.figures_dir)
+        except (ResultsError, FileNotFoundError) as error:
+            log.error("report: %s", error)
+            return 1
     log.info("report: %d table files in %s, %d figure files in %s", len(tables),
              args.tables_dir, len(figures), args.figures_dir)
     return 0
@@ -42,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="singular-value spectra of merged weights (optional)")
     parser.add_argument("--tables-dir", type=Path, required=True, metavar="DIR")
     parser.add_argument("--figures-dir", type=Path, required=True, metavar="DIR")
+    parser.add_argument("--training-logs", type=Path, nargs="+", default=[], metavar="CSV",
+                        help="train_log.csv files under --results-root (training curves)")
+    parser.add_argument("--results-root", type=Path, default=Path("results"), metavar="DIR",
+                        help="what the training logs' folders are named relative to")
     parser.add_argument("--reference-method", default="pm",
                         help="method the paired-difference tables subtract (default: pm)")
     parser.set_defaults(func=cmd_report)

@@ -46,6 +46,7 @@ from amt.report.tables import (
     ordered_methods,
     spec_tables,
 )
+from amt.report.training import training_figures
 
 log = logging.getLogger(__name__)
 
@@ -334,3 +335,13 @@ def build_figures(results: pd.DataFrame, spectra: pd.DataFrame | None,
         log.warning("%s", note)
     log.info("wrote %d figure files to %s", len(paths), out_dir)
     return paths
+
+
+
+def build_training_figures(logs: Sequence[Path], root: Path, out_dir: Path) -> list[Path]:
+    """Training curves (``amt.report.training``) as PNG and PDF."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
+        return [p for stem, figure in training_figures(logs, root)
+                for p in save_figure(figure, out_dir, stem)]
