@@ -188,3 +188,48 @@ def test_figures_without_data_are_skipped_with_notes(tmp_path: Path, small: pd.D
                  "ablation, merging and pool bars", "corruption bars"):
         assert f"{kind} skipped: needs" in caplog.text
     assert not list(tmp_path.iterdir())
+
+
+def _write_log(path: Path, frame: pd.DataFrame) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_training_curves_from_pipeline_logs(tmp_path):
+    from amt.report.figures import build_training_figures
+    from amt.report.training import training_figures
+
+    root = tmp_path / "results"
+    pretrain = _write_log(root / "backbones" / "small_vit" / "train_log.csv", pd.DataFrame(
+        {"epoch": [0, 1, 2], "loss": [6.7, 5.0, 4.0], "acc": [0.0, 0.1, 0.3]}))
+    episodes = np.arange(30)
+    meta = {"episode": episodes, "loss": 2 - episodes / 30, "acc": 0.5 + episodes / 100}
+    logs = [_write_log(root / "models" / "small_vit" / "5w1s" / run / "train_log.csv",
+                       pd.DataFrame({**meta, "adv_acc": adv}))
+            for run, adv in (("lora", np.nan), ("amt_separate/member0", 0.4 + episodes / 100))]
+    paths = build_training_figures([pretrain, *logs], root, tmp_path / "figures")
+    assert sorted(p.name for p in paths) == [
+        "training_pretrain_small_vit.pdf", "training_pretrain_small_vit.png",
+        "training_small_vit_5w1s.pdf", "training_small_vit_5w1s.png"]
+    (_, figure), = [item for item in training_figures(logs, root)]
+    loss_ax, acc_ax = figure.axes[:2]
+    lines = acc_ax.get_lines()  # every run, and amt's attacked accuracy dashed
+    assert [(line.get_label(), line.get_linestyle()) for line in lines if
+            not line.get_label().startswith("_")] == [("amt_separate/member0", "-"), ("lora", "-")]
+    assert len(lines) == 3 and lines[1].get_linestyle() == "--" and len(loss_ax.get_lines()) == 2
+    assert loss_ax.get_lines()[0].get_ydata()[-1] < loss_ax.get_lines()[0].get_ydata()[0]
+
+
+def test_training_log_outside_the_layout_is_named(tmp_path):
+    from amt.report.results import ResultsError
+    from amt.report.training import read_log
+
+    stray = _write_log(tmp_path / "results" / "elsewhere" / "train_log.csv",
+                       pd.DataFrame({"epoch": [0], "loss": [1.0], "acc": [0.5]}))
+    with pytest.raises(ResultsError, match=r"elsewhere/train_log\.csv: expected backbones"):
+        read_log(stray, tmp_path / "results")
+    broken = _write_log(tmp_path / "results" / "backbones" / "b" / "train_log.csv",
+                        pd.DataFrame({"epoch": [0], "loss": [1.0]}))
+    with pytest.raises(ResultsError, match=r"missing columns \['acc'\]"):
+        read_log(broken, tmp_path / "results")
