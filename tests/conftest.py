@@ -1,7 +1,8 @@
-"""Shared fixtures: tiny domain files built with the real writer."""
+"""Shared fixtures: tiny domain files built with the real writer, and a pickled-code payload."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +35,20 @@ def make_domain(path: Path, splits: dict[str, int], images_per_class: int | list
 @pytest.fixture
 def tiny_domain(tmp_path: Path) -> Path:
     return make_domain(tmp_path / "tiny.h5", {"train": 4, "valid": 2, "test": 3}, superclasses=2)
+
+
+class _Exploit:
+    """Unpickling this runs a shell command that touches ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def pickled_code(tmp_path: Path) -> tuple[object, Path]:
+    """(an object whose unpickling would execute code, the file that execution would create)."""
+    marker = tmp_path / "executed"
+    return _Exploit(marker), marker

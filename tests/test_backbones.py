@@ -1,5 +1,4 @@
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
@@ -104,17 +103,9 @@ def test_key_mismatch_lists_keys_and_file(tmp_path, tiny_state):
         build_backbone("tiny_vit", tmp_path / "bad.pth", 32)
 
 
-class _Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_pickled_code_is_refused(tmp_path, tiny_state):
-    marker = tmp_path / "executed"
-    torch.save({**tiny_state, "x": _Exploit(marker)}, tmp_path / "evil.pth")
+def test_pickled_code_is_refused(tmp_path, tiny_state, pickled_code):
+    payload, marker = pickled_code
+    torch.save({**tiny_state, "x": payload}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match="evil.pth: refused.*posix.system"):
         build_backbone("tiny_vit", tmp_path / "evil.pth", 32)
     assert not marker.exists()

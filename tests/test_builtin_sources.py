@@ -173,17 +173,9 @@ def test_missing_member_fails_without_partial(tmp_path: Path) -> None:
     assert not (tmp_path / "raw").exists() and not (tmp_path / "raw.partial").exists()
 
 
-class _RunsCode:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_restricted_unpickler_rejects_code_and_accepts_arrays(tmp_path: Path) -> None:
-    marker = tmp_path / "pwned"
-    evil = pickle.dumps(_RunsCode(marker))
+def test_restricted_unpickler_rejects_code_and_accepts_arrays(pickled_code) -> None:
+    payload, marker = pickled_code
+    evil = pickle.dumps(payload)
     with pytest.raises(FetchError, match=r"where\.gz: .*refusing global (posix|nt)\.system"):
         load_array_pickle(evil, "where.gz")
     assert not marker.exists()
@@ -193,10 +185,10 @@ def test_restricted_unpickler_rejects_code_and_accepts_arrays(tmp_path: Path) ->
     np.testing.assert_array_equal(load_array_pickle(pickle.dumps(array, protocol=4), "x"), array)
 
 
-def test_wheel_with_code_pickle_is_refused(tmp_path: Path) -> None:
+def test_wheel_with_code_pickle_is_refused(tmp_path: Path, pickled_code) -> None:
     images, labels = fake_arrays(6)
     wheel = make_wheel(tmp_path, images, labels,
-                       label_pickle=pickle.dumps(_RunsCode(tmp_path / "pwned")))
+                       label_pickle=pickle.dumps(pickled_code[0]))
     with pytest.raises(FetchError, match="animal_label_version_3.gz: not a plain pickled"):
         install("animals", wheel, tmp_path / "raw", sha256=sha256(wheel))
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "raw").exists()

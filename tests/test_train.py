@@ -2,7 +2,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -236,18 +235,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     assert not (out / MODEL).exists()
 
 
-class _Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_checkpoint_with_pickled_code_is_refused(tmp_path, tiny_file):
-    out, marker = tmp_path / "run", tmp_path / "executed"
+def test_checkpoint_with_pickled_code_is_refused(tmp_path, tiny_file, pickled_code):
+    payload, marker = pickled_code
+    out = tmp_path / "run"
     out.mkdir()
-    torch.save({"format": "amt-checkpoint", "format_version": 1, "x": _Exploit(marker)},
+    torch.save({"format": "amt-checkpoint", "format_version": 1, "x": payload},
                out / CHECKPOINT)
     with pytest.raises(CheckpointError, match="checkpoint.pt: refused"):
         train(_config(tiny_file), Episodes(6), out)
