@@ -57,23 +57,25 @@ def pgd_until_fooled(logits_fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor
     _check_attack(x, eps, alpha, steps, norm, 1)
     x, adv = x.detach(), x.detach().clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    alive = torch.arange(len(x), device=x.device)
+    alive = torch.arange(len(x), device=x.device)  # indices of the examples still attacked
+    x_alive, y_alive = x, y
     delta = _start(x, eps, norm, generator) if random_start else torch.zeros_like(x)
     for step in range(steps + 1):
         last = step == steps
         with torch.set_grad_enabled(not last):
             delta.requires_grad_(not last)
-            logits = logits_fn(x[alive] + delta)
-        wrong = logits.argmax(-1) != y[alive]
-        adv[alive] = (x[alive] + delta).detach()
+            iterate = x_alive + delta
+            logits = logits_fn(iterate)
+        wrong = logits.argmax(-1) != y_alive
+        adv[alive] = iterate.detach()
         fooled[alive[wrong]] = True
         keep = ~wrong
         if last or not keep.any():
             break
-        loss = F.cross_entropy(logits[keep].float(), y[alive[keep]], reduction="sum")
+        loss = F.cross_entropy(logits[keep].float(), y_alive[keep], reduction="sum")
         (grad,) = torch.autograd.grad(loss, delta)
-        alive = alive[keep]
-        delta = _project(x[alive], _step(delta.detach()[keep], grad[keep], alpha, norm), eps,
+        alive, x_alive, y_alive = alive[keep], x_alive[keep], y_alive[keep]
+        delta = _project(x_alive, _step(delta.detach()[keep], grad[keep], alpha, norm), eps,
                          norm)
     return adv, fooled
 

@@ -126,9 +126,9 @@ class _LowRankLinear(torch.autograd.Function):
         need_x, _, _, need_a, need_b = ctx.needs_input_grad
         grad_x = grad @ weight if need_x else None
         grad_a = (grad @ b).T @ x if need_a else None
-        grad_b = (x @ a.T).T @ grad if need_b else None
+        grad_b = ((x @ a.T).T @ grad).T if need_b else None
         return (_like(grad_x, saved[0]), None, None, _like(grad_a, saved[2]),
-                _like(grad_b.T if grad_b is not None else None, saved[3]))
+                _like(grad_b, saved[3]))
 
 
 def _like(grad: Tensor | None, tensor: Tensor) -> Tensor | None:
