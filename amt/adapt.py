@@ -372,11 +372,18 @@ class FrozenMethod(Method):
     def set_hyper(self, hyper: Hyper) -> None:
         """pm and lora have no hyperparameters."""
 
-    def adapt_cached(self, ys: Tensor, support: Tensor, queries: Tensor) -> Adapted:
-        """``adapt`` from cached clean embeddings of the support and the queries."""
-        protos = prototypes(support, ys, _ways(ys))
-        return Adapted(Classifier(self.backbone, self.head, protos, self.amp),
-                       self.head(queries, protos))
+    def cached_logits(self, ys: Tensor, support: Tensor, queries: Tensor, ways: int
+                      ) -> tuple[Tensor, Tensor]:
+        """Prototypes [E, ways, D] and clean query logits [E, q, ways] of E episodes of one
+        shape from cached clean embeddings: labels ys [E, n], support [E, n, D], queries
+        [E, q, D]. One batched call: per-episode calls would cost more than a small backbone's
+        whole pass over the images."""
+        protos = prototypes(support, ys, ways)
+        return protos, self.head(queries, protos)
+
+    def adapted(self, protos: Tensor, clean_logits: Tensor) -> Adapted:
+        """One episode's ``Adapted`` from its rows of ``cached_logits``."""
+        return Adapted(Classifier(self.backbone, self.head, protos, self.amp), clean_logits)
 
 
 class EmbeddingCache:

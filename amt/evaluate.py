@@ -424,6 +424,26 @@ class Evaluation:
         log.info("embedding cache: %d distinct images for %d episodes", len(ids),
                  len(self.episodes))
 
+    def _cached_clean(self, chunk: int = 256) -> list[tuple[Tensor, Tensor]]:
+        """Each episode's prototypes and clean query logits from the embedding cache, computed
+        for up to ``chunk`` episodes of one shape at a time."""
+        shapes: dict[tuple[int, int, int], list[int]] = {}
+        for i, e in enumerate(self.episodes):
+            shapes.setdefault((len(e.support), len(e.query), len(e.classes)), []).append(i)
+        out: list[tuple[Tensor, Tensor]] = [None] * len(self.episodes)  # type: ignore[list-item]
+        for (n, q, ways), indices in shapes.items():
+            for start in range(0, len(indices), chunk):
+                part = [self.episodes[i] for i in indices[start:start + chunk]]
+                ys = torch.from_numpy(np.stack([e.support_labels for e in part]))
+                support = self.cache(np.concatenate([e.support for e in part]))
+                queries = self.cache(np.concatenate([e.query for e in part]))
+                protos, logits = self.method.cached_logits(
+                    ys.to(self.device), support.view(len(part), n, -1),
+                    queries.view(len(part), q, -1), ways)
+                for i, p, lg in zip(indices[start:start + chunk], protos, logits, strict=True):
+                    out[i] = (p, lg)
+        return out
+
     def _data(self, pixels: bool) -> Iterator[tuple[int, tuple[Tensor, ...] | None]]:
         if pixels:
             yield from episode_batches(self.dataset, self.config.workers, self.device)
@@ -431,25 +451,28 @@ class Evaluation:
             yield from ((i, None) for i in range(len(self.episodes)))
 
     def run(self) -> pd.DataFrame:
+        clean = None
         if isinstance(self.method, FrozenMethod):
             self._build_cache()
+            clean = self._cached_clean()
         pixels = self.cache is None or len(self.conditions) > 1 or \
             self.config.sanity.large_eps is not None
         records, started = [], time.perf_counter()
         for index, data in self._data(pixels):
-            results = self._episode(index, self.episodes[index], data)
+            results = self._episode(index, self.episodes[index], data,
+                                    None if clean is None else clean[index])
             records += [(index, c, acc) for c, acc in results]
             self._progress(index, records, started)
         return self._frame(records)
 
-    def _episode(self, index: int, episode: Episode, data: tuple[Tensor, ...] | None
-                 ) -> list[tuple[Condition, float]]:
+    def _episode(self, index: int, episode: Episode, data: tuple[Tensor, ...] | None,
+                 clean: tuple[Tensor, Tensor] | None) -> list[tuple[Condition, float]]:
+        """``clean``: the episode's cached prototypes and clean logits (frozen methods)."""
         ys = torch.tensor(episode.support_labels, device=self.device)  # copies: Episode arrays
         yq = torch.tensor(episode.query_labels, device=self.device)  # are read-only
         xs, xq = (None, None) if data is None else (data[0], data[2])
-        if self.cache is not None:
-            context = nullcontext(self.method.adapt_cached(ys, self.cache(episode.support),
-                                                           self.cache(episode.query)))
+        if clean is not None:
+            context = nullcontext(self.method.adapted(*clean))
         else:
             context = self.method.adapt(xs, ys, index, queries=xq)
         with context as adapted:

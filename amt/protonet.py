@@ -8,19 +8,20 @@ from torch import Tensor, nn
 
 
 def prototypes(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:
-    """Class means [n_way, D] of support embeddings [n, D] with labels in 0..n_way-1."""
-    if labels.ndim != 1 or len(labels) != len(embeddings):
+    """Class means [..., n_way, D] of support embeddings [..., n, D] with labels [..., n] in
+    0..n_way-1; leading dimensions batch episodes of one shape."""
+    if labels.ndim < 1 or labels.shape != embeddings.shape[:-1]:
         raise ValueError(f"labels of shape {tuple(labels.shape)} for embeddings of shape "
                          f"{tuple(embeddings.shape)}: expected one label per embedding")
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_way):
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_way):
         raise ValueError(f"support labels span [{int(labels.min())}, {int(labels.max())}]: "
                          f"expected 0..{n_way - 1}")
     one_hot = F.one_hot(labels, n_way).to(embeddings.dtype)
-    counts = one_hot.sum(0)
+    counts = one_hot.sum(-2)
     if bool((counts == 0).any()):
-        empty = torch.nonzero(counts == 0).flatten().tolist()
+        empty = torch.nonzero(counts == 0).squeeze(-1).tolist()
         raise ValueError(f"classes {empty} have no support example")
-    return (one_hot.T @ embeddings) / counts[:, None]
+    return (one_hot.mT @ embeddings) / counts[..., None]
 
 
 class ProtoHead(nn.Module):
@@ -36,8 +37,9 @@ class ProtoHead(nn.Module):
         self.bias = nn.Parameter(torch.tensor(float(bias)))
 
     def forward(self, query_embeddings: Tensor, protos: Tensor) -> Tensor:
+        """[..., q, D] queries against [..., N, D] prototypes -> [..., q, N] logits."""
         # float32 even under autocast: bfloat16 cosines would be off by ~0.04 in the logits
         with torch.autocast(query_embeddings.device.type, enabled=False):
             cosine = F.normalize(query_embeddings.float(), dim=-1) @ \
-                F.normalize(protos.float(), dim=-1).T
+                F.normalize(protos.float(), dim=-1).mT
             return self.scale * (cosine + self.bias)

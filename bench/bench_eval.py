@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -213,8 +214,9 @@ def _synthetic_store(folder: Path, classes: int, per_class: int, side: int) -> P
     return path
 
 
-def measure_frozen(name: str, episodes: int, device: str, workers: int) -> dict:
-    """Evaluation.run of pm over ``episodes`` clean episodes vs one plain pass."""
+def measure_frozen(name: str, episodes: int, device: str, workers: int, repeats: int) -> dict:
+    """Evaluation.run of pm over ``episodes`` clean episodes vs one plain pass (best of
+    ``repeats`` each, alternated)."""
     from amt.episodes import FixedSampler, draw_episodes, episode_meta, save_episodes
     from amt.train import MetaTuner, TrainConfig
     from data_prep.store import DomainStore
@@ -236,11 +238,13 @@ def measure_frozen(name: str, episodes: int, device: str, workers: int) -> dict:
             benchmark="bench", domain="bench", in_domain=False, setting_name="5w1s",
             out=folder / "out.csv", device=device, workers=workers, log_every=10**6))
         ids = np.unique(np.concatenate([np.concatenate([e.support, e.query]) for e in drawn]))
-        one_pass = _one_pass(job, store, ids)
-        start = time.perf_counter()
-        job.run()
-        _sync(job.device)
-        run = time.perf_counter() - start
+        one_pass, run = math.inf, math.inf
+        for _ in range(repeats):  # best of: both take well under a second on small_vit
+            one_pass = min(one_pass, _one_pass(job, store, ids))
+            start = time.perf_counter()
+            job.run()
+            _sync(job.device)
+            run = min(run, time.perf_counter() - start)
     return {"backbone": name, "episodes": episodes, "distinct_images": len(ids),
             "images_in_episodes": sum(len(e.support) + len(e.query) for e in drawn),
             "one_pass": one_pass, "run": run}
@@ -305,7 +309,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbones", nargs="+", default=["dino_vits16", "small_vit"])
+    parser.add_argument("--backbones", nargs="*", default=["dino_vits16", "small_vit"])
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--members", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10, help="PGD steps of the attacked case")
@@ -327,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.repeats)
     for name in args.frozen_backbones:
         report["frozen"].append(measure_frozen(name, args.frozen_episodes, args.device,
-                                               args.workers))
+                                               args.workers, max(args.repeats, 3)))
     report["checks"] = checks(report)
     print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0

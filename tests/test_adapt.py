@@ -225,7 +225,13 @@ def test_embedding_cache_gives_the_logits_of_a_direct_forward(pool_dir):
     batches = [(ids[order[i:i + 4]], images[order[i:i + 4]]) for i in range(0, len(ids), 4)]
     cache = EmbeddingCache.build(method, batches)
     support_ids, query_ids = ids[:len(xs)], ids[len(xs):]
-    cached = method.adapt_cached(ys, cache(support_ids), cache(query_ids))
+    # two episodes in one batched call: the same episode, and one with its classes relabelled
+    perm = torch.tensor([2, 0, 1, 4, 3])[:WAYS]
+    protos, logits = method.cached_logits(
+        torch.stack([ys, perm[ys]]), torch.stack([cache(support_ids)] * 2),
+        torch.stack([cache(query_ids)] * 2), WAYS)
+    torch.testing.assert_close(logits[1][:, perm], logits[0])
+    cached = method.adapted(protos[0], logits[0])
     with method.adapt(xs, ys, 0, queries=xq) as direct:
         torch.testing.assert_close(cached.clean_logits, direct.clean_logits, atol=1e-5,
                                    rtol=1e-5)

@@ -12,6 +12,19 @@ def test_prototypes_are_class_means():
     assert torch.equal(protos, torch.tensor([[0.0, 5.0], [2.0, 1.0], [10.0, 1.0]]))
 
 
+def test_batched_episodes_equal_one_at_a_time():
+    torch.manual_seed(0)
+    emb, queries = torch.randn(3, 6, 8), torch.randn(3, 4, 8)
+    labels = torch.tensor([[0, 0, 1, 1, 2, 2], [2, 1, 0, 0, 1, 2], [1, 2, 0, 1, 2, 0]])
+    protos, head = prototypes(emb, labels, 3), ProtoHead()
+    for e in range(3):
+        torch.testing.assert_close(protos[e], prototypes(emb[e], labels[e], 3))
+        torch.testing.assert_close(head(queries, protos)[e], head(queries[e], protos[e]))
+    labels[1] = torch.tensor([0, 1, 0, 0, 1, 1])  # episode 1 lacks class 2
+    with pytest.raises(ValueError, match=r"classes \[\[1, 2\]\] have no support"):
+        prototypes(emb, labels, 3)
+
+
 @pytest.mark.parametrize(("labels", "message"), [
     (torch.tensor([0, 0, 2, 2]), "classes \\[1\\] have no support"),
     (torch.tensor([0, 1, 2, 3]), "expected 0..2"),
