@@ -104,10 +104,39 @@ class ConvStem(PatchEmbed):
         channels, width = in_chans, stem_width
         for _ in range(patch.bit_length() - 1):
             layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False),
-                       nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True), MaxPool2x2()]
             channels, width = width, 2 * width
         layers.append(nn.Conv2d(channels, embed_dim, 1))
         self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # With nothing to differentiate (a frozen stem on clean images: lora, amt, evaluation)
+        # run without autograd: oneDNN then picks its inference convolutions, ~1.8x faster on
+        # the CPU than the training ones it uses whenever grad mode is on.
+        if torch.is_grad_enabled() and not x.requires_grad and \
+                not any(p.requires_grad for p in self.parameters()):
+            with torch.no_grad():
+                return super().forward(x)
+        return super().forward(x)
+
+
+class MaxPool2x2(nn.MaxPool2d):
+    """``nn.MaxPool2d(2)``, identical output. Where no gradient will be asked for, a CPU tensor
+    of even height and width is pooled as the maximum of its strided 2x2 views: torch's CPU
+    max_pool2d always computes argmax indices too and is ~10x slower (3.6 ms for 80 images of
+    16x32x32, 60% of the small ViT's stem)."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape if x.ndim == 4 else (0, 0, 1, 1)
+        if (torch.is_grad_enabled() and x.requires_grad) or x.device.type != "cpu" or h % 2 \
+                or w % 2 or not x.is_contiguous():
+            return super().forward(x)
+        rows = x.view(n, c, h, w // 2, 2)
+        rows = torch.maximum(rows[..., 0], rows[..., 1]).view(n, c, h // 2, 2, w // 2)
+        return torch.maximum(rows[:, :, :, 0], rows[:, :, :, 1])
 
 
 def freeze_and_fold_norms(vit: nn.Module) -> nn.Module:

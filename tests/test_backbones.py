@@ -9,6 +9,7 @@ from torch import nn
 from amt.backbones import (
     BACKBONES,
     Backbone,
+    MaxPool2x2,
     build_backbone,
     freeze_and_fold_norms,
     remap_deit,
@@ -138,3 +139,31 @@ def test_small_vit_is_built_with_frozen_norms_by_default():
     backbone(torch.rand(8, 3, 32, 32))
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 8, 6), (2, 1, 5, 4)])  # odd height: torch's kernel
+def test_fast_max_pool_equals_torch_and_keeps_its_gradient(shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape).round(decimals=1)  # ties inside the 2x2 windows
+    with torch.no_grad():
+        assert torch.equal(MaxPool2x2()(x), nn.MaxPool2d(2)(x))
+    leaf = x.clone().requires_grad_()
+    MaxPool2x2()(leaf).sum().backward()
+    expected = x.clone().requires_grad_()
+    nn.MaxPool2d(2)(expected).sum().backward()
+    assert torch.equal(leaf.grad, expected.grad)
+
+
+def test_frozen_stem_runs_without_autograd_and_gives_the_same_embeddings():
+    torch.manual_seed(0)
+    backbone = build_backbone("small_vit", None, 32)
+    x = torch.rand(4, 3, 32, 32)
+    trainable = backbone(x)
+    assert trainable.requires_grad
+    backbone.requires_grad_(False)
+    stem = backbone.vit.patch_embed(x)
+    assert not stem.requires_grad and stem.grad_fn is None
+    torch.testing.assert_close(backbone(x), trainable.detach(), rtol=0, atol=0)
+    attacked = x.clone().requires_grad_()  # an attack differentiates through the frozen stem
+    backbone(attacked)[:, 0].sum().backward()  # (a LayerNorm output sums to a constant)
+    assert attacked.grad is not None and attacked.grad.abs().sum() > 0
