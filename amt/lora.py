@@ -90,11 +90,24 @@ class LoRALinear(nn.Module):
         return list(zip(self.lora_A, self.lora_B, strict=True))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.weight is not None and self.weight.ndim == 3:
+            return self._grouped(x)
         if self.weight is not None:
             return F.linear(x, self.weight, self.bias)
         a = torch.cat(list(self.lora_A))  # [blocks * r, in]
         b = self.lora_B[0] if len(self.lora_B) == 1 else torch.block_diag(*self.lora_B)
         out = _LowRankLinear.apply(x.reshape(-1, x.shape[-1]), self.residual, self.bias, a, b)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _grouped(self, x: Tensor) -> Tensor:
+        """Weights [G, out, in]: the batch (x's first dimension) is G equal consecutive groups
+        and group g goes through weight g, in one batched matmul."""
+        groups, weight = len(self.weight), self.weight.to(x.dtype)
+        if x.shape[0] % groups:
+            raise ValueError(f"a batch of {x.shape[0]} cannot be split into {groups} groups")
+        flat = x.reshape(groups, -1, x.shape[-1])
+        out = flat @ weight.mT if self.bias is None else \
+            torch.baddbmm(self.bias.to(x.dtype).expand(groups, 1, -1), flat, weight.mT)
         return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from test_pool import make_pool, model_file, one_thread  # noqa: F401 - fixture
 
+from amt import adapt
 from amt.adapt import (
     EmbeddingCache,
     FineTuned,
@@ -176,12 +177,20 @@ def _count_forwards(backbone) -> list[int]:
     return sizes
 
 
-def test_amt_costs_one_forward_per_member_and_one_to_classify(pool_dir):
+def test_amt_scores_every_member_in_one_forward_and_classifies_in_one(pool_dir, monkeypatch):
     method = _pool_method(pool_dir, str_layers="fc1", str_ratio=0.5)
     xs, ys, xq, yq = _episode()
     sizes = _count_forwards(method.backbone)
+    together = method.scores(xs, ys, 0)
+    assert sizes == [3 * 2 * len(xs)]  # 3 members x [support; Z]
+    monkeypatch.setitem(adapt.SCORING_IMAGES, "cpu", 2 * 2 * len(xs))  # 2 members a call
+    del sizes[:]
+    torch.testing.assert_close(method.scores(xs, ys, 0), together)
+    assert sizes == [2 * 2 * len(xs), 2 * len(xs)]
+    monkeypatch.undo()
+    del sizes[:]
     with method.adapt(xs, ys, 0, queries=xq) as adapted:
-        assert sizes == [2 * len(xs)] * 3 + [len(xs) + len(xq)]
+        assert sizes == [3 * 2 * len(xs), len(xs) + len(xq)]
         protos = adapted.classifier.protos.clone()
         del sizes[:]
         adv = pgd(lambda x: F.cross_entropy(adapted.classifier(x), yq, reduction="none"), xq,

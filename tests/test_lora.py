@@ -184,3 +184,16 @@ def test_autocast_runs_in_bfloat16_and_returns_parameter_dtypes():
     assert all(p.grad.dtype == torch.float32 for p in layer.parameters())
     expected = layer(x.detach())
     torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
+
+
+def test_grouped_weights_apply_one_weight_per_consecutive_group():
+    layer = _reference_and_layer()
+    weights = torch.randn(3, *layer.residual.shape, dtype=layer.residual.dtype)
+    x = torch.randn(6, 5, 6, dtype=layer.residual.dtype)  # 3 groups of 2 images x 5 tokens
+    layer.weight = weights
+    out = layer(x)
+    for g in range(3):
+        expected = torch.nn.functional.linear(x[2 * g:2 * g + 2], weights[g], layer.bias)
+        torch.testing.assert_close(out[2 * g:2 * g + 2], expected)
+    with pytest.raises(ValueError, match="7 cannot be split into 3 groups"):
+        layer(torch.randn(7, 5, 6, dtype=layer.residual.dtype))
