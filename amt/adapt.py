@@ -29,8 +29,9 @@ the episode's state (merged, trimmed, fine-tuned) inside it and restored when it
   neither test-time component), ``amt_logit_avg`` (each member alone with its own prototypes
   and head; the logits averaged; no STr).
 
-Cost. Each member's merged weights W_res + B_p A_p are computed once per pool, not per episode:
-switching members is a pointer swap, so scoring costs exactly P forwards of [support; Z]. The
+Cost. Each member's merged weights W_res + B_p A_p are computed once per pool, not per episode,
+and stacked per layer: switching members is a pointer swap, and scoring runs the members side by
+side, P copies of [support; Z] in one grouped forward (capped per device, ``SCORING_IMAGES``). The
 episode's merge writes into one preallocated buffer per layer; nothing copies the model. STr
 uses the eigendecomposition of each weight's smaller Gram matrix (float32, batched over layers
 of a shape) and projects onto the kept subspace: the same matrix as the truncated SVD at a

@@ -13,8 +13,9 @@ episodes; the best wins and ties go to the earliest point, so list the defaults 
 keeps every point's mean and per-episode accuracies: how flat the grid is shows there.
 
 Cheap: TTM's member scores do not depend on beta, gamma, top_k or STr, so they are computed once
-per episode (P forwards); a point then costs a merge (+ STr) and one forward of support and
-queries, and points giving the same merge (e.g. every beta at top_k 1) share one evaluation.
+per episode (the P members side by side); a point then costs a merge (+ STr) and one forward of
+support and queries, and points giving the same merge (e.g. every beta at top_k 1) share one
+evaluation.
 """
 
 from __future__ import annotations

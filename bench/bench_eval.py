@@ -4,11 +4,10 @@ For each backbone (random weights; P random adapters of rank 8 on every target l
 count (5-way, 15 queries per class), side by side in one run:
 
 - ``pm``: a frozen backbone without the embedding cache; work: one forward of |S| + |Q| images.
-- ``amt``: test-time merging (P member forwards of [support; augmented support], the merge, the
-  prototypes and the clean queries), no STr; work: (2P + 1)|S| + |Q| image forwards in one
-  batch, and (same-shape) the P forwards of 2|S| and the one of |S| + |Q| it runs, each timed
-  plainly: the first ratio includes what smaller batches lose, the second only this code's
-  overhead.
+- ``amt``: test-time merging (the P members scored on [support; augmented support], the merge,
+  the prototypes and the clean queries), no STr; work: (2P + 1)|S| + |Q| image forwards in one
+  batch, and (same-shape) P forwards of 2|S| and one of |S| + |Q|, each timed plainly: the first
+  ratio includes what smaller batches lose, the second compares with scoring member by member.
 - ``amt + PGD-k``: the same episode, then l_inf PGD with k steps on every query (labels are the
   clean predictions, so every query is attacked); work: the amt work plus k forward-backwards
   of |Q| images (input gradients only).
