@@ -130,10 +130,10 @@ class MaxPool2x2(nn.MaxPool2d):
         super().__init__(2)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape if x.ndim == 4 else (0, 0, 1, 1)
-        if (torch.is_grad_enabled() and x.requires_grad) or x.device.type != "cpu" or h % 2 \
-                or w % 2 or not x.is_contiguous():
+        if (torch.is_grad_enabled() and x.requires_grad) or x.device.type != "cpu" or \
+                x.ndim != 4 or x.shape[2] % 2 or x.shape[3] % 2 or not x.is_contiguous():
             return super().forward(x)
+        n, c, h, w = x.shape
         rows = x.view(n, c, h, w // 2, 2)
         rows = torch.maximum(rows[..., 0], rows[..., 1]).view(n, c, h // 2, 2, w // 2)
         return torch.maximum(rows[:, :, :, 0], rows[:, :, :, 1])
