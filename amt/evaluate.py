@@ -539,7 +539,8 @@ class Evaluation:
         for name in failed:
             log.warning("sanity check failed: %s (see %s)", name, self.config.sanity_path)
         return {"config_hash": self.config_hash, "method": self.config.method,
-                "domain": self.config.domain, "setting": self.config.setting_name,
+                "backbone": self.method.backbone_name, "domain": self.config.domain,
+                "setting": self.config.setting_name,
                 "episodes": len(self.episodes), "hyperparameters": asdict(self.hyper),
                 "device": devices.describe(self.device), "seconds": round(seconds, 2),
                 "peak_memory": devices.peak_memory(self.device), "all_ok": not failed,

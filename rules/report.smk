@@ -4,6 +4,7 @@
 rule report:
     input:
         rows=eval_targets(),
+        sanity=[row.replace(".csv", ".sanity.json") for row in eval_targets()],
         training=training_logs(),
     output:
         tables=report(
@@ -29,6 +30,6 @@ rule report:
         mem_mb=4000,
         runtime=30,
     shell:
-        "python -m amt report --results {input.rows} {params.spectra}"
+        "python -m amt report --results {input.rows} {params.spectra} --sanity {input.sanity}"
         " --training-logs {input.training} --results-root {params.root}"
         " --tables-dir {output.tables} --figures-dir {output.figures} > {log} 2>&1"

@@ -1,7 +1,8 @@
 """Tables and figures from tidy evaluation results: ``python -m amt report``.
 
 Modules: ``results`` (the tidy formats and their loaders), ``stats`` (mean ± CI, paired
-differences), ``tables`` (table specs and their CSV/Markdown/LaTeX), ``figures`` (seaborn).
+differences), ``tables`` (table specs and their CSV/Markdown/LaTeX), ``sanity`` (the jobs'
+sanity checks in one table), ``figures`` (seaborn), ``training`` (training curves).
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     an input file is missing or malformed (the log names the file and the problem)."""
     from amt.report.figures import build_figures, build_training_figures
     from amt.report.results import ResultsError, load_results, load_spectra
+    from amt.report.sanity import load_sanity, write_sanity_table
     from amt.report.tables import build_tables
 
     try:
         results = load_results(args.results)
         spectra = load_spectra(args.spectra) if args.spectra else None
+        sanity = load_sanity(args.sanity) if args.sanity else None
     except (ResultsError, FileNotFoundError) as error:
         log.error("report: %s", error)
         return 1
     tables = build_tables(results, args.tables_dir, reference=args.reference_method)
+    if sanity is not None:
+        tables += write_sanity_table(sanity, args.tables_dir)
     figures = build_figures(results, spectra, args.figures_dir)
     if args.training_logs:
         try:
@@ -47,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="tidy results files, one per evaluation job")
     parser.add_argument("--spectra", type=Path, nargs="+", default=[], metavar="CSV",
                         help="singular-value spectra of merged weights (optional)")
+    parser.add_argument("--sanity", type=Path, nargs="+", default=[], metavar="JSON",
+                        help="the evaluation jobs' sanity files (optional): sanity.csv / .md")
     parser.add_argument("--tables-dir", type=Path, required=True, metavar="DIR")
     parser.add_argument("--figures-dir", type=Path, required=True, metavar="DIR")
     parser.add_argument("--training-logs", type=Path, nargs="+", default=[], metavar="CSV",
