@@ -517,8 +517,6 @@ class PoolMethod(Method):
         merged = [self._merged(Plan((p,), (1.0,))) for p in range(len(pool))]
         self.stacked = {n: torch.stack([m[n] for m in merged]) for n in self.layers}
         del merged
-        self.member_weights = [{n: w[p] for n, w in self.stacked.items()}
-                               for p in range(len(pool))]
         self.buffers = {n: torch.empty_like(layer.residual) for n, layer in self.layers.items()}
 
     def set_hyper(self, hyper: Hyper) -> None:
@@ -550,7 +548,7 @@ class PoolMethod(Method):
             layer.weight = None if weights is None else weights[n]
 
     def use_member(self, p: int) -> None:
-        self._use(self.member_weights[p])
+        self._use({n: w[p] for n, w in self.stacked.items()})
 
     def scores(self, xs: Tensor, ys: Tensor, index: int) -> Tensor:
         """[P, 2]: (intra_p, inter_p) of each member on one augmented copy of the support.

@@ -424,13 +424,13 @@ class Evaluation:
         log.info("embedding cache: %d distinct images for %d episodes", len(ids),
                  len(self.episodes))
 
-    def _cached_clean(self, chunk: int = 256) -> list[tuple[Tensor, Tensor]]:
+    def _cached_clean(self, chunk: int = 256) -> dict[int, tuple[Tensor, Tensor]]:
         """Each episode's prototypes and clean query logits from the embedding cache, computed
         for up to ``chunk`` episodes of one shape at a time."""
         shapes: dict[tuple[int, int, int], list[int]] = {}
         for i, e in enumerate(self.episodes):
             shapes.setdefault((len(e.support), len(e.query), len(e.classes)), []).append(i)
-        out: list[tuple[Tensor, Tensor]] = [None] * len(self.episodes)  # type: ignore[list-item]
+        out: dict[int, tuple[Tensor, Tensor]] = {}
         for (n, q, ways), indices in shapes.items():
             for start in range(0, len(indices), chunk):
                 part = [self.episodes[i] for i in indices[start:start + chunk]]

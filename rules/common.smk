@@ -202,6 +202,11 @@ def spectra_files(rows):
     return f"--spectra {' '.join(present)}" if present else ""
 
 
+def sanity_files(rows):
+    """Every evaluation job writes its sanity checks beside its rows."""
+    return [row.replace(".csv", ".sanity.json") for row in rows]
+
+
 def domain_file(domain):
     return f"{RESULTS}/data/{domain}.h5"
 

@@ -4,7 +4,7 @@
 rule report:
     input:
         rows=eval_targets(),
-        sanity=[row.replace(".csv", ".sanity.json") for row in eval_targets()],
+        sanity=sanity_files(eval_targets()),
         training=training_logs(),
     output:
         tables=report(
