@@ -288,3 +288,27 @@ def test_merged_spectra_rows(pool_dir):
     values = frame[frame.layer == "blocks.0.mlp.fc1"].singular_value.to_numpy()
     assert len(values) == 32 and np.all(np.diff(values) <= 1e-9)
     assert np.all(values[16:] < 1e-4 * values[0]) and values[15] > 1e-3  # trimmed to rank 16
+
+
+@pytest.mark.parametrize("name", ["pm", "pmf", "lora", "amt", "amt_ft", "amt_logit_avg"])
+def test_mixed_precision_adapts_and_attacks(pool_dir, monkeypatch, name):
+    """The CUDA path (bfloat16 autocast) on the CPU: every method adapts, classifies and is
+    attacked; logits stay float32, agree with the float32 run, and the attack keeps its budget."""
+    model = pool_dir / {"pm": "pm.pt", "pmf": "pm.pt", "lora": "member0.pt"}.get(name, "pool.pt")
+    hyper = Hyper(lr=1e-2, ft_steps=2, str_layers="all", str_ratio=0.5)
+    xs, ys, xq, yq = _episode()
+    with load_method(name, model, hyper, CPU, amp=True, seed=0).adapt(xs, ys, 0, xq) as plain:
+        expected = plain.clean_logits
+    monkeypatch.setattr(adapt.devices, "autocast", lambda device, enabled=True: torch.autocast(
+        "cpu", dtype=torch.bfloat16, enabled=enabled))
+    method = load_method(name, model, hyper, CPU, amp=True, seed=0)
+    with method.adapt(xs, ys, 0, queries=xq) as adapted:
+        assert adapted.clean_logits.dtype == torch.float32
+        # logits of scale ~10 agree to bfloat16's ~3 digits; fine-tuning compounds the rounding
+        atol = 1.0 if isinstance(method, FineTuned) else 0.25
+        torch.testing.assert_close(adapted.clean_logits, expected, atol=atol, rtol=0.05)
+        adv = pgd(lambda x: F.cross_entropy(adapted.classifier(x), yq, reduction="none"), xq,
+                  8 / 255, 2 / 255, steps=3)
+        assert float((adv - xq).abs().max()) <= 8 / 255 + 1e-6
+        assert 0 <= float(adv.min()) <= float(adv.max()) <= 1
+        assert adapted.classifier(adv).dtype == torch.float32
