@@ -1,7 +1,13 @@
 """Fetch the built-in sources, convert every configured domain to HDF5, inspect and verify it."""
 
 
+# Data preparation goes first whenever cores free up: it is seconds of work that every later job
+# waits on, and without a priority the scheduler may leave a 2-thread conversion for last.
+DATA_PRIORITY = 50
+
+
 rule fetch_builtin:
+    priority: DATA_PRIORITY
     output:
         directory("resources/{source}"),
     conda:
@@ -22,6 +28,7 @@ for _domain, _spec in config["domains"].items():
     rule:
         name:
             f"convert_{_domain}"
+        priority: DATA_PRIORITY
         input:
             convert_inputs(_domain),
         output:

@@ -2,6 +2,7 @@
 
 
 rule draw_episodes:
+    priority: DATA_PRIORITY
     input:
         domain_file("{domain}"),
     output:
