@@ -13,6 +13,12 @@ check_config(config)
 RESULTS = "results"
 MODELS = f"{RESULTS}/models"
 TRAIN = config["train"]
+
+# Data preparation (fetch, convert, episodes) goes first whenever cores free up: it is seconds of
+# work that every later job waits on, and without a priority the scheduler may leave a 2-thread
+# conversion for last (measured: a domain's 12 jobs pushed to the end, 30 s on the whole run).
+DATA_PRIORITY = 50
+
 AMT = TRAIN.get("amt", {"budgets": []})
 POOL_STRATEGIES = AMT.get("pool_strategies", ["separate"])
 DOMAINS = list(config["domains"])

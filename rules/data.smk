@@ -1,11 +1,6 @@
 """Fetch the built-in sources, convert every configured domain to HDF5, inspect and verify it."""
 
 
-# Data preparation goes first whenever cores free up: it is seconds of work that every later job
-# waits on, and without a priority the scheduler may leave a 2-thread conversion for last.
-DATA_PRIORITY = 50
-
-
 rule fetch_builtin:
     priority: DATA_PRIORITY
     output:
