@@ -138,17 +138,18 @@ def test_trim_keeps_the_best_low_rank_approximation():
         lora.trim_singular_values(w, 0.1)
 
 
-def _reference_and_layer(dtype=torch.float64):
+def _reference_and_layer(dtype=torch.float64, blocks=("q", "k", "v")):
     torch.manual_seed(0)
-    layer = lora.LoRALinear(torch.nn.Linear(6, 9).to(dtype), "attn.qkv", 2, ("q", "k", "v"))
+    layer = lora.LoRALinear(torch.nn.Linear(6, 9).to(dtype), "attn.qkv", 2, blocks)
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(torch.randn_like(p))
     return layer
 
 
-def test_hand_written_backward_matches_autograd():
-    layer = _reference_and_layer()
+@pytest.mark.parametrize("blocks", [("q", "k", "v"), ("fc1",)])
+def test_hand_written_backward_matches_autograd(blocks):
+    layer = _reference_and_layer(blocks=blocks)
     x = torch.randn(4, 5, 6, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(4, 5, 9, dtype=torch.float64)
     layer(x).backward(grad)
