@@ -33,9 +33,8 @@ CASES = {  # case -> TrainConfig overrides
     "amt": {"method": "amt"},
 }
 LONG_EPISODE_S = 20.0  # a first episode this long is measured itself: start-up costs amortised
-MIN_TIMED_S = 2.0  # short episodes are timed until this much has run: the first few of a small
-# model still pay for warming the allocator and caches (small_vit lora/pm read 0.84 over 7
-# episodes and 0.74 over 15)
+MIN_TIMED_S = 2.0  # short episodes are timed until this much has run, so that the best of them
+# is not one of a handful of disturbed ones (small_vit's 60-ms episodes on 2 threads)
 
 
 def _flop_counter():
