@@ -38,12 +38,13 @@ def test_report_writes_tables_and_figures(tmp_path: Path, inputs) -> None:
     args = _parser().parse_args(
         ["report", "--results", *map(str, jobs), "--spectra", str(spectra),
          "--tables-dir", str(tmp_path / "tables"), "--figures-dir", str(tmp_path / "figures"),
-         "--reference-method", "pm"])
+         "--reference-methods", "pm"])
     assert args.func(args) == 0
     tables = {p.name for p in (tmp_path / "tables").iterdir()}
     assert {"tables.md", "clean_bscd_dino_5w5s_clean.md",
             "adversarial_bscd_dino_5w5s_pgd_linf_4-255.tex",
-            "difference_bscd_dino_5w5s_pgd_linf_2-255.csv"} <= tables
+            "difference_vs_pm_bscd_dino_5w5s_pgd_linf_2-255.csv"} <= tables
+    assert not any(name.startswith("difference_vs_lora") for name in tables)
     figures = {p.name for p in (tmp_path / "figures").iterdir()}
     assert figures == {f"{stem}.{ext}" for ext in ("png", "pdf")
                        for stem in ("clean_vs_adv_bscd_dino_5w5s",

@@ -103,15 +103,19 @@ def test_best_per_column_is_bold(built: Path) -> None:
         assert bold == [m == max(means) for m in means]
 
 
-def test_difference_cells_are_paired_on_episodes(built: Path, results: pd.DataFrame) -> None:
-    cells = markdown_cells(built / "difference_builtin_dino_5w1s_pgd_linf_2-255.md")
+@pytest.mark.parametrize(("reference", "label"), [("pm", "PM"), ("lora", "LoRA")])
+def test_difference_cells_are_paired_on_episodes(built: Path, results: pd.DataFrame,
+                                                 reference: str, label: str) -> None:
+    table = built / f"difference_vs_{reference}_builtin_dino_5w1s_pgd_linf_2-255.md"
+    cells = markdown_cells(table)
     condition = {"norm": "linf", "eps": 2 / 255}
     diff = (_episodes(results, "amt", "digits", **condition)
-            - _episodes(results, "pm", "digits", **condition)).to_numpy()
+            - _episodes(results, reference, "digits", **condition)).to_numpy()
     assert cells["AMT", "digits"] == expected_cell(diff, signed=True)
-    assert ("PM", "digits") not in cells  # the reference is not a row
-    assert {row for row, _ in cells} == {"LoRA", "AMT", "AMT w/o TTM", "weight average",
-                                         "uniform pool"}
+    assert (label, "digits") not in cells  # the reference is not a row
+    assert {row for row, _ in cells} == {"PM", "LoRA", "AMT", "AMT w/o TTM", "weight average",
+                                         "uniform pool"} - {label}
+    assert f"minus {label}" in table.read_text()
 
 
 def test_conditions_layout_averages_targets_per_condition(built: Path,
@@ -175,16 +179,19 @@ def test_table_with_all_methods_absent_is_skipped_with_a_note(
         assert not list(tmp_path.glob(f"{name}_*")), name
         assert f"table '{name}' skipped: none of its methods" in caplog.text
     assert "table 'pool' skipped" in (tmp_path / "tables.md").read_text()
-    assert tmp_path / "tables.md" in paths and len(paths) == 1 + 3 * (4 + 8 + 12)
+    # clean and adversarial tables, then the differences against pm and against lora
+    assert tmp_path / "tables.md" in paths and len(paths) == 1 + 3 * (4 + 8 + 2 * 12)
 
 
 def test_difference_without_reference_is_skipped(tmp_path: Path, results: pd.DataFrame,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        build_tables(results, tmp_path, reference="pmf",
+        build_tables(results, tmp_path, references=("pmf",),
                      specs=[spec for spec in TABLES if spec.difference])
     assert not list(tmp_path.glob("difference_*"))
-    assert "table 'difference' skipped: needs the reference method 'pmf'" in caplog.text
+    assert "table 'difference_vs_pmf' skipped: needs the reference method 'pmf'" in caplog.text
+    with pytest.raises(ValueError, match="expected one or more, each once"):
+        build_tables(results, tmp_path, references=("pm", "pm"))
 
 
 def test_only_clean_rows_gives_no_adversarial_table(tmp_path: Path,
@@ -211,4 +218,4 @@ def test_methods_outside_every_accuracy_table_are_noted(tmp_path: Path,
     index = (tmp_path / "tables.md").read_text()
     assert "methods in no accuracy table (see the difference tables): styleadv" in index
     assert "corruption rows are shown in the corruption figures" in index
-    assert "styleadv" in (tmp_path / "difference_bscd_dino_5w5s_clean.md").read_text()
+    assert "styleadv" in (tmp_path / "difference_vs_pm_bscd_dino_5w5s_clean.md").read_text()

@@ -20,7 +20,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from amt.report.figures import build_figures, build_training_figures
     from amt.report.results import ResultsError, load_results, load_spectra
     from amt.report.sanity import load_sanity, write_sanity_table
-    from amt.report.tables import build_tables
+    from amt.report.tables import REFERENCES, build_tables
 
     try:
         results = load_results(args.results)
@@ -29,7 +29,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     except (ResultsError, FileNotFoundError) as error:
         log.error("report: %s", error)
         return 1
-    tables = build_tables(results, args.tables_dir, reference=args.reference_method)
+    tables = build_tables(results, args.tables_dir,
+                          references=args.reference_methods or REFERENCES)
     if sanity is not None:
         tables += write_sanity_table(sanity, args.tables_dir)
     figures = build_figures(results, spectra, args.figures_dir)
@@ -60,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="train_log.csv files under --results-root (training curves)")
     parser.add_argument("--results-root", type=Path, default=Path("results"), metavar="DIR",
                         help="what the training logs' folders are named relative to")
-    parser.add_argument("--reference-method", default="pm",
-                        help="method the paired-difference tables subtract (default: pm)")
+    parser.add_argument("--reference-methods", nargs="+", metavar="METHOD",
+                        help="methods the paired-difference tables subtract, one set of tables "
+                        "each (default: the baselines pm and lora)")
     parser.set_defaults(func=cmd_report)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -262,11 +262,12 @@ def _skip_reason(spec: TableSpec, results: pd.DataFrame, reference: str) -> str:
             f"(methods present: {ordered_methods(set(results.method))})")
 
 
-def _uncovered(results: pd.DataFrame, specs: Sequence[TableSpec], reference: str) -> list[str]:
+def _uncovered(results: pd.DataFrame, specs: Sequence[TableSpec],
+               references: Sequence[str]) -> list[str]:
     """Say where results that no accuracy table shows end up."""
     named = {m for s in specs for m in (*(s.methods or ()), s.anchor) if m}
     notes = []
-    if extra := set(results.method) - named - {reference}:
+    if extra := set(results.method) - named - set(references):
         notes.append(f"methods in no accuracy table (see the difference tables): "
                      f"{', '.join(ordered_methods(extra))}")
     if (results.norm == "corruption").any():
@@ -368,11 +369,12 @@ def write_table(table: Table, out_dir: Path) -> list[Path]:
     return paths
 
 
-def _index(tables: list[Table], notes: list[str], reference: str) -> str:
+def _index(tables: list[Table], notes: list[str], references: Sequence[str]) -> str:
+    minus = " or ".join(method_label(r) for r in references)
     lines = ["# Tables", "",
              "Cells: mean ± 95% CI over test episodes, 1.96 · std / √n with std = np.std "
              "(ddof=0), in %. Averages: mean of per-domain means, ± √(Σ CI²) / domains. "
-             f"Differences: paired on shared episodes, minus {method_label(reference)}. "
+             f"Differences (difference_vs_<method>): paired on shared episodes, minus {minus}. "
              "Bold: best per column.", ""]
     lines += [f"- [{t.stem}]({t.stem}.md) ([csv]({t.stem}.csv), [tex]({t.stem}.tex)): "
               f"{t.caption}" for t in tables]
@@ -380,19 +382,38 @@ def _index(tables: list[Table], notes: list[str], reference: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_tables(results: pd.DataFrame, out_dir: Path, reference: str = "pm",
+REFERENCES = ("pm", "lora")  # the baselines AMT's paired differences are taken against
+
+
+def _per_reference(specs: Sequence[TableSpec], references: Sequence[str]
+                   ) -> Iterator[tuple[TableSpec, str]]:
+    """Every difference spec once per reference (named ``<name>_vs_<reference>``), every other
+    spec once."""
+    for spec in specs:
+        if spec.difference:
+            yield from ((replace(spec, name=f"{spec.name}_vs_{r}"), r) for r in references)
+        else:
+            yield spec, references[0]
+
+
+def build_tables(results: pd.DataFrame, out_dir: Path, references: Sequence[str] = REFERENCES,
                  specs: Sequence[TableSpec] = TABLES) -> list[Path]:
-    """Write every table the results support and ``tables.md``; return the paths written."""
+    """Write every table the results support and ``tables.md``; return the paths written.
+    Paired-difference tables are written once per method in ``references``."""
+    if not references or len(set(references)) != len(references):
+        raise ValueError(f"reference methods {list(references)}: expected one or more, "
+                         "each once")
     require_results(results)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    tables = [t for spec in specs for t in spec_tables(spec, results, notes, reference)]
-    notes += _uncovered(results, specs, reference)
+    tables = [t for spec, reference in _per_reference(specs, references)
+              for t in spec_tables(spec, results, notes, reference)]
+    notes += _uncovered(results, specs, references)
     for note in notes:
         log.warning("%s", note)
     paths = [p for table in tables for p in write_table(table, out_dir)]
     index = out_dir / "tables.md"
-    index.write_text(_index(tables, notes, reference), encoding="utf-8")
+    index.write_text(_index(tables, notes, references), encoding="utf-8")
     log.info("wrote %d tables to %s", len(tables), out_dir)
     return [*paths, index]
