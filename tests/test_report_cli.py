@@ -67,3 +67,15 @@ def test_report_fails_cleanly_on_a_bad_file(tmp_path: Path, inputs,
 def test_report_requires_results_and_directories() -> None:
     with pytest.raises(SystemExit):
         _parser().parse_args(["report", "--tables-dir", "t", "--figures-dir", "f"])
+
+
+def test_report_refuses_a_repeated_reference(tmp_path: Path, inputs,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    jobs, _ = inputs
+    args = _parser().parse_args(["report", "--results", *map(str, jobs), "--tables-dir",
+                                 str(tmp_path / "t"), "--figures-dir", str(tmp_path / "f"),
+                                 "--reference-methods", "lora", "lora"])
+    with caplog.at_level(logging.ERROR):
+        assert args.func(args) == 1
+    assert "reference methods ['lora', 'lora']: expected one or more, each once" in caplog.text
+    assert not (tmp_path / "t").exists()

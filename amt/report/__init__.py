@@ -29,8 +29,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     except (ResultsError, FileNotFoundError) as error:
         log.error("report: %s", error)
         return 1
-    tables = build_tables(results, args.tables_dir,
-                          references=args.reference_methods or REFERENCES)
+    try:
+        tables = build_tables(results, args.tables_dir,
+                              references=args.reference_methods or REFERENCES)
+    except ValueError as error:
+        log.error("report: %s", error)
+        return 1
     if sanity is not None:
         tables += write_sanity_table(sanity, args.tables_dir)
     figures = build_figures(results, spectra, args.figures_dir)
