@@ -34,6 +34,8 @@ def check_config(config: dict) -> None:
     _check_names("settings", "train.settings", train["settings"], settings)
     _check_names("domains", "evaluate.targets", config["evaluate"]["targets"], list(domains))
     _check_names("settings", "evaluate.settings", config["evaluate"]["settings"], settings)
+    _check_names("evaluated methods", "evaluate.references",
+                 config["evaluate"].get("references", []), config["evaluate"]["methods"])
     _check_grids(config["evaluate"])
     _check_pools(config["evaluate"], train)
 

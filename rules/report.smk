@@ -26,10 +26,14 @@ rule report:
     params:
         spectra=lambda wc, input: spectra_files(input.rows),
         root=lambda wc, output: Path(output.tables).parent,
+        references=" ".join(["--reference-methods", *EVALUATE["references"]])
+        if "references" in EVALUATE
+        else "",
     resources:
         mem_mb=4000,
         runtime=30,
     shell:
         "python -m amt report --results {input.rows} {params.spectra} --sanity {input.sanity}"
         " --training-logs {input.training} --results-root {params.root}"
-        " --tables-dir {output.tables} --figures-dir {output.figures} > {log} 2>&1"
+        " --tables-dir {output.tables} --figures-dir {output.figures} {params.references}"
+        " > {log} 2>&1"

@@ -60,6 +60,14 @@ def test_unknown_target_domain_names_key_and_allowed_values() -> None:
         check_config(config)
 
 
+def test_reference_must_be_an_evaluated_method() -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["evaluate"]["references"] = ["pm", "pmf"]
+    with pytest.raises(ConfigError,
+                       match=r"evaluate\.references.*\['pmf'\].*allowed.*'amt', 'lora', 'pm'"):
+        check_config(config)
+
+
 def test_unknown_setting_is_rejected() -> None:
     config = copy.deepcopy(DEFAULT)
     config["evaluate"]["settings"] = ["5w10s"]
