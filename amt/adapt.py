@@ -243,6 +243,19 @@ def augment_support(backbone: Backbone, x: Tensor, generator: torch.Generator) -
 
 
 # -- STr ------------------------------------------------------------------------------------------
+def tall_stacks(weights: Iterable[Tensor]) -> Iterator[tuple[list[Tensor], Tensor, bool]]:
+    """The weights grouped by shape: (the group, its float32 stack oriented tall [G, long,
+    short], whether the weights are tall). ``w.mT @ w`` of the stack is the smaller Gram matrix
+    of each weight, batched the way STr decomposes them."""
+    groups: dict[tuple[int, ...], list[Tensor]] = {}
+    for w in weights:
+        groups.setdefault(tuple(w.shape), []).append(w)
+    for shape, group in groups.items():
+        tall = shape[0] >= shape[1]
+        stacked = torch.stack(group).float()
+        yield group, stacked if tall else stacked.mT, tall
+
+
 @torch.no_grad()
 def trim_(weights: Iterable[Tensor], ratio: float) -> None:
     """Replace each matrix in place by its best rank-floor(ratio * min(out, in)) approximation.
@@ -252,19 +265,14 @@ def trim_(weights: Iterable[Tensor], ratio: float) -> None:
     per shape; when more than half the spectrum is kept the dropped tail is subtracted instead,
     W - W V_t V_t^T, which needs fewer flops.
     """
-    groups: dict[tuple[int, int], list[Tensor]] = {}
-    for w in weights:
-        groups.setdefault(tuple(w.shape), []).append(w)
-    for shape, group in groups.items():
+    for group, w, tall in tall_stacks(weights):
+        shape = tuple(group[0].shape)
         side, keep = min(shape), math.floor(ratio * min(shape))
         if not 0 < ratio <= 1 or keep < 1:
             raise ValueError(f"STr ratio {ratio}: expected (0, 1] keeping at least one of the "
                              f"{side} singular values of a {shape[0]}x{shape[1]} weight")
         if keep == side:
             continue
-        tall = shape[0] >= shape[1]
-        w = torch.stack(group).float()
-        w = w if tall else w.mT
         with torch.autocast(w.device.type, enabled=False):
             _, vectors = torch.linalg.eigh(w.mT @ w)  # ascending eigenvalues
             if keep <= side // 2:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from amt.adapt import FrozenMethod, Hyper, Method, PoolMethod, trim_
+from amt.adapt import FrozenMethod, Hyper, Method, PoolMethod, tall_stacks, trim_
 from amt.backbones import build_backbone, get_spec
 from amt.checkpoints import save_atomic
 from amt.devices import describe, pick_device
@@ -173,20 +173,12 @@ def _trim_times(method: PoolMethod, data, device: torch.device, repeats: int) ->
             out[layers] = timed(lambda c=copies: trim_(c, 0.5), device, repeats)
             out[f"{layers}_svd64"] = timed(
                 lambda c=chosen: [trim_singular_values(w, 0.5) for w in c], device, 1, False)
-        grams = _gram_stacks([layer.weight for layer in method.layers.values()])
+        # the smaller Gram matrices, batched as trim_ batches them: their eigenvalues are the
+        # least an exact rank-k truncation of these weights has to compute
+        grams = [w.mT @ w for _, w, _ in tall_stacks(x.weight for x in method.layers.values())]
         out["all_eigvalsh"] = timed(lambda: [torch.linalg.eigvalsh(g) for g in grams], device,
                                     repeats)
     return out
-
-
-def _gram_stacks(weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The smaller Gram matrix of every weight, stacked per shape as ``trim_`` batches them:
-    the eigenvalues of these are the least an exact rank-k truncation has to compute."""
-    shapes: dict[tuple[int, ...], list[torch.Tensor]] = {}
-    for w in weights:
-        shapes.setdefault(tuple(w.shape), []).append(w.float())
-    stacks = [torch.stack(group) for group in shapes.values()]
-    return [w.mT @ w if w.shape[-2] >= w.shape[-1] else w @ w.mT for w in stacks]
 
 
 def measure(name: str, shots: list[int], members: int, steps: int, device: torch.device,

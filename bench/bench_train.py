@@ -111,9 +111,12 @@ def measure(backbone: str, case: str, episodes: int, attack_steps: int, device: 
     counter = _flop_counter()
     with counter:
         first = timed(0)
-    seconds = [first] if first > LONG_EPISODE_S else []
-    while first <= LONG_EPISODE_S and (len(seconds) < episodes or sum(seconds) < MIN_TIMED_S):
-        seconds.append(timed(len(seconds) + 1))
+    if first > LONG_EPISODE_S:
+        seconds = [first]
+    else:
+        seconds = []
+        while len(seconds) < episodes or sum(seconds) < MIN_TIMED_S:
+            seconds.append(timed(len(seconds) + 1))
     result = {"backbone": backbone, "case": case, "image_size": config.image_size,
               "device": str(dev),
               "seconds": min(seconds), "seconds_median": statistics.median(seconds),
