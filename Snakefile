@@ -1,6 +1,11 @@
 """AMT benchmark: raw datasets -> HDF5 domains -> episodes -> LoRA pools -> results -> tables."""
 
+import os
+
+import yaml
 from snakemake.utils import min_version, validate
+
+from amt.config import check, exit_on_error
 
 min_version("9.0")
 
@@ -13,7 +18,16 @@ if not workflow.overwrite_configfiles:
     configfile: f"{workflow.basedir}/config.yaml"
 
 
+# Checked before anything is planned: a bad key or value ends the run with a short message
+# naming it; then Snakemake's own validation fills in the schema's defaults.
+with open(f"{workflow.basedir}/schemas/config.schema.yaml") as _schema:
+    exit_on_error(check, config, yaml.safe_load(_schema))
 validate(config, "schemas/config.schema.yaml")
+
+# Many jobs read the same HDF5 stores at once; HDF5's file locks fail or hang on NFS and Lustre,
+# and readers need none (a store is written once, to a .partial file, then renamed). Every job,
+# local or submitted (Slurm's --export=ALL), inherits this.
+os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
 
 
 include: "rules/common.smk"

@@ -1,14 +1,85 @@
-"""Checks of a pipeline configuration that a JSON schema cannot express (cross-references)."""
+"""Checks of a pipeline configuration, run by the workflow before it plans a single job: the
+schema (short messages), cross-references, the jobs' own parsers of attacks, budgets, grids and
+settings, episode sizes against the class sizes known up front, and the user's input files."""
 
 from __future__ import annotations
 
-from data_prep.sources import FETCHED, SELF_CONTAINED
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+
+from data_prep.sources import FETCHED, SELF_CONTAINED, source_module
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET_DOCS = ("docs/datasets.md", "docs/datasets_cross_domain.md")
 
 
 class ConfigError(ValueError):
-    """A configuration value refers to something that does not exist."""
+    """A configuration value is malformed, refers to something that does not exist, or names
+    an input that is missing."""
 
 
+def exit_on_error(check: Callable[..., None], *args: object) -> None:
+    """Run a check at workflow start; a ConfigError ends Snakemake with its message only."""
+    try:
+        check(*args)
+    except ConfigError as err:
+        sys.exit(f"Configuration error:\n{err}")
+
+
+# -- schema ---------------------------------------------------------------------------------------
+def validate_schema(config: dict, schema: dict) -> None:
+    """Raise ConfigError with one line per problem: the key path, the bad value, what is allowed.
+    A config missing required top-level keys is most likely an overlay given as --configfile."""
+    missing = [key for key in schema["required"] if key not in config]
+    if missing:
+        raise ConfigError(
+            f"the config has no {', '.join(missing)}. A --configfile replaces the default config "
+            "as a whole; to change a few keys of it, give both files:\n"
+            "  snakemake --configfiles config.yaml overlay.yaml   (the later file wins)\n"
+            "or single keys with --config key=value.")
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = [_describe(jsonschema.exceptions.best_match([error]))
+                for error in validator.iter_errors(config)]
+    if problems:
+        raise ConfigError("\n".join(sorted(set(problems))))
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    return f"config key {_key(error.absolute_path)}: {_reason(error)}"
+
+
+def _key(path) -> str:
+    """('evaluate', 'attacks', 0, 'eps') -> 'evaluate.attacks[0].eps'."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+def _reason(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unexpected = sorted(set(error.instance) - set(allowed))
+        return f"unknown keys {unexpected}; allowed: {allowed}"
+    if error.validator == "pattern" and "description" in error.schema:
+        return f"{error.instance!r} is not {error.schema['description']}"
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        forms = sorted({_reason(sub) for sub in error.context})
+        return f"{_short(error.instance)} fits none of the allowed forms: {' | '.join(forms)}"
+    return error.message if len(error.message) <= 300 else error.message[:300] + " ..."
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:120] + " ..."
+
+
+# -- cross-references and the jobs' own parsers ---------------------------------------------------
 def _check_names(kind: str, key: str, names: list[str], allowed: list[str]) -> None:
     unknown = [name for name in names if name not in allowed]
     if unknown:
@@ -16,8 +87,15 @@ def _check_names(kind: str, key: str, names: list[str], allowed: list[str]) -> N
                           f"allowed: {sorted(allowed)}")
 
 
+def check(config: dict, schema: dict) -> None:
+    """Everything a job would reject about ``config`` itself (not its input files)."""
+    validate_schema(config, schema)
+    check_config(config)
+
+
 def check_config(config: dict) -> None:
-    """Raise ConfigError naming the key and the allowed values for any dangling reference."""
+    """Raise ConfigError naming the key and the allowed values for any dangling reference, and
+    anything the jobs' parsers would reject."""
     domains = config["domains"]
     for name, spec in domains.items():
         builtin = spec["source"] in FETCHED | SELF_CONTAINED
@@ -38,6 +116,37 @@ def check_config(config: dict) -> None:
                  config["evaluate"].get("references", []), config["evaluate"]["methods"])
     _check_grids(config["evaluate"])
     _check_pools(config["evaluate"], train)
+    _parse_like_the_jobs(config)
+
+
+def _parse_like_the_jobs(config: dict) -> None:
+    """Run the parsers of the episodes, train, select and evaluate commands on the values the
+    workflow will pass them, so that what a job would reject stops the run before planning."""
+    from amt.episodes import sampler_from_setting
+    from amt.evaluate import budget, parse_attacks, parse_corruptions, parse_sanity
+    from amt.select import grid_points
+
+    evaluate = config["evaluate"]
+    try:
+        for name, setting in config["settings"].items():
+            _with_key(f"settings.{name}", sampler_from_setting, setting)
+        for i, value in enumerate(config["train"].get("amt", {}).get("budgets", [])):
+            budget(value, f"train.amt.budgets[{i}]")
+        parse_attacks(evaluate.get("attacks", []), "evaluate.attacks")
+        if "corruptions" in evaluate:
+            parse_corruptions(evaluate["corruptions"], "evaluate.corruptions")
+        parse_sanity(evaluate.get("sanity", {}), "evaluate.sanity")
+        for method, grid in evaluate.get("grids", {}).items():
+            grid_points(grid, method, f"evaluate.grids.{method}")
+    except ValueError as err:
+        raise ConfigError(f"config key {err}") from None
+
+
+def _with_key(key: str, parse: Callable[[object], object], value: object) -> None:
+    try:
+        parse(value)
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
 
 
 def _check_pools(evaluate: dict, train: dict) -> None:
@@ -65,11 +174,139 @@ def _check_grids(evaluate: dict) -> None:
                               "them on the validation episodes")
 
 
-def budget_slug(budget: str | float) -> str:
-    """A budget as it appears in paths: '4/255' -> '4-255'."""
-    return str(budget).replace("/", "-")
+# -- episode sizes --------------------------------------------------------------------------------
+class _SpecSizes:
+    """Class sizes of a Meta-Dataset source as its published dataset spec gives them, in the
+    store's shape (class ids train -> valid -> test), for the samplers' own checks."""
+
+    def __init__(self, source: str) -> None:
+        from data_prep.sources.metadataset_common import reference_spec
+        from data_prep.store import SPLITS
+
+        spec = reference_spec(source)
+        self.path = f"{source} (Meta-Dataset's dataset spec)"
+        self.class_sizes = np.array([spec.images[name] for name in spec.class_names])
+        ends = np.cumsum([spec.split_counts[split] for split in SPLITS])
+        self._ranges = {split: np.arange(end - spec.split_counts[split], end)
+                        for split, end in zip(SPLITS, ends, strict=True)}
+
+    def classes_in_split(self, split: str) -> np.ndarray:
+        return self._ranges[split]
 
 
+def _class_sizes(source: str, store: Path):
+    """What knows the domain's class sizes before its episodes are drawn: the converted store,
+    else a Meta-Dataset source's spec; None where neither exists yet."""
+    from data_prep.store import DomainStore
+
+    if store.exists():
+        return DomainStore(store)
+    try:
+        return _SpecSizes(source)
+    except FileNotFoundError:
+        return None
+
+
+def check_episode_sizes(config: dict, store_of: Callable[[str], str]) -> None:
+    """Every fixed setting needs `ways` classes with shots + queries images in the split its
+    episodes come from: test for the evaluated targets (validation episodes fall back to it),
+    train for the training sources. Checked with the sampler's own check where the class sizes
+    are known; other domains fail when their episodes are drawn."""
+    from amt.episodes import FixedSampler, sampler_from_setting
+
+    uses = [(d, s, "test") for d in config["evaluate"]["targets"]
+            for s in config["evaluate"]["settings"]]
+    uses += [(d, s, "train") for d in config["train"]["sources"]
+             for s in config["train"]["settings"]]
+    problems, known = [], {}
+    for domain, setting, split in uses:
+        sampler = sampler_from_setting(config["settings"][setting])
+        if not isinstance(sampler, FixedSampler):
+            continue
+        if domain not in known:
+            known[domain] = _class_sizes(config["domains"][domain]["source"],
+                                         Path(store_of(domain)))
+        if known[domain] is None:
+            continue
+        try:
+            sampler.check(known[domain], split)
+        except ValueError as err:
+            problems.append(f"config key settings.{setting} (domain {domain}): {err}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+# -- input files ----------------------------------------------------------------------------------
+def check_inputs(config: dict, store_of: Callable[[str], str],
+                 models_of: Callable[[str], list[str]]) -> None:
+    """One error listing every user-supplied input that is missing where a job needs it: raw
+    folders of domains not yet converted, their split and checksum files, and the official
+    checkpoints of backbones with models still to train."""
+    missing = []
+    for name, spec in config["domains"].items():
+        if Path(store_of(name)).exists():
+            continue
+        if "raw" in spec and not Path(spec["raw"]).exists():
+            missing.append(_raw_entry(name, spec))
+        for key, path in (("checksums", spec.get("checksums")),
+                          ("options.split_file", spec.get("options", {}).get("split_file"))):
+            if path and not Path(path).exists():
+                missing.append(f"domains.{name}.{key}: {path} does not exist")
+    for name in config["train"]["backbones"]:
+        path = config["backbones"][name].get("checkpoint")
+        trained = all(Path(model).exists() for model in models_of(name))
+        if path and not Path(path).exists() and not trained:
+            missing.append(_checkpoint_entry(name, path))
+    if missing:
+        raise ConfigError(f"{len(missing)} inputs are missing; nothing was planned or run. "
+                          "Put them in place or change the paths in the config:\n\n"
+                          + "\n\n".join(missing))
+
+
+def _raw_entry(domain: str, spec: dict) -> str:
+    source = spec["source"]
+    layout = "\n".join(f"    {line}" for line in source_module(source).LAYOUT.splitlines())
+    entry = (f"domains.{domain}.raw: {spec['raw']} does not exist (source {source})\n"
+             f"  expected layout:\n{layout}")
+    download = published_download(source)
+    return entry + (f"\n  download: {download}" if download else "")
+
+
+def _checkpoint_entry(backbone: str, path: str) -> str:
+    from amt.backbones import BACKBONES
+
+    return (f"backbones.{backbone}.checkpoint: {path} does not exist\n"
+            f"  official file: {BACKBONES[backbone].published}")
+
+
+def published_download(source: str) -> str | None:
+    """The **Download** paragraph of a source's section in the dataset docs, with the doc's
+    name; None for a source without one (image_folder: the user's own images)."""
+    heading = re.compile(rf"^#{{2,3}} ({re.escape(source)}\b|.*`source: {re.escape(source)}`)")
+    for doc in DATASET_DOCS:
+        path = ROOT / doc
+        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        starts = [i for i, line in enumerate(lines) if heading.match(line)]
+        if starts:
+            return _download_paragraph(lines[starts[0] + 1:], doc, source)
+    return None
+
+
+def _download_paragraph(lines: list[str], doc: str, source: str) -> str | None:
+    text: list[str] = []
+    for line in lines:
+        if line.startswith("#") or (text and (line.startswith("- **") or not line.strip())):
+            break
+        if line.startswith("- **Download**:"):
+            text.append(line.removeprefix("- **Download**:"))
+        elif text:
+            text.append(line)
+    if not text:
+        return None
+    return f"{' '.join(' '.join(text).split())} ({doc}, section {source})"
+
+
+# -- paths ----------------------------------------------------------------------------------------
 def raw_folder(config: dict, domain: str) -> str | None:
     """The raw folder a domain converts from: configured, fetched into resources/, or none."""
     spec = config["domains"][domain]

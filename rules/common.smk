@@ -5,10 +5,8 @@ import shlex
 from fractions import Fraction
 from pathlib import Path
 
-from amt.config import check_config, raw_folder
+from amt.config import check_episode_sizes, check_inputs, exit_on_error, raw_folder
 from data_prep.sources import FETCHED
-
-check_config(config)
 
 RESULTS = "results"
 MODELS = f"{RESULTS}/models"
@@ -28,9 +26,11 @@ CONDA_ENV = "../envs/amt.yaml"  # relative to rules/; the environment of every r
 
 
 def convert_inputs(domain):
-    """Files a conversion depends on: a fetched raw folder, and a split file if one is given."""
+    """Files a conversion depends on: its raw folder (fetched or the user's), and the split and
+    checksum files if given."""
     spec = config["domains"][domain]
-    inputs = [raw_folder(config, domain)] if spec["source"] in FETCHED else []
+    raw = raw_folder(config, domain)
+    inputs = [raw] if raw else []
     if "split_file" in spec.get("options", {}):
         inputs.append(spec["options"]["split_file"])
     if "checksums" in spec:
@@ -245,3 +245,15 @@ def all_targets():
         + model_targets()
         + [f"{RESULTS}/tables", f"{RESULTS}/figures"]
     )
+
+
+def backbone_models(backbone):
+    """The models trained from a backbone's weights (its checkpoint is needed while any is
+    missing)."""
+    return [target for target in model_targets() if target.startswith(f"{MODELS}/{backbone}/")]
+
+
+# Before the DAG: one message for every missing input, and episode settings too large for the
+# classes of a domain whose sizes are known (its store, or Meta-Dataset's spec).
+exit_on_error(check_inputs, config, domain_file, backbone_models)
+exit_on_error(check_episode_sizes, config, domain_file)
