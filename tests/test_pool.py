@@ -90,8 +90,9 @@ def make_episodes(store_path: Path, out: Path, count: int = 2, ways: int = 5, sh
     store = DomainStore(store_path)
     sampler = FixedSampler(ways=ways, shots=shots, queries=queries)
     episodes = draw_episodes(store, "test", sampler, count, seed)
-    save_episodes(out, episodes, episode_meta(store, domain="synthetic", split="test",
-                                              sampler=sampler, seed=seed, count=count))
+    meta = episode_meta(store, domain="synthetic", split="test", sampler=sampler, seed=seed,
+                        count=count)
+    save_episodes(out, episodes, {**meta, "setting_name": f"{ways}w{shots}s"})
     return out
 
 
