@@ -161,3 +161,10 @@ def test_pool_command(tmp_path):
                               "--out", str(tmp_path / "p.pt")])
     assert args.func(args) == 0
     assert load_tagged(tmp_path / "p.pt", POOL_FORMAT)["strategy"] == "uniform"
+
+
+def test_pool_files_of_the_same_members_are_byte_identical(tmp_path):
+    backbone = backbone_file(tmp_path)
+    members = [model_file(tmp_path, backbone, f"m{p}", seed=p) for p in range(2)]
+    pools = [assemble_pool(members, tmp_path / f"pool{i}.pt", "separate") for i in range(2)]
+    assert pools[0].read_bytes() == pools[1].read_bytes()
