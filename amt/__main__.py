@@ -13,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
+from amt.errors import UserError
+
 COMMAND_MODULES = ("amt.train", "amt.pool", "amt.select", "amt.evaluate", "amt.report")
 
 
@@ -66,9 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a user error (``UserError``: a bad file, key or value) prints its message
+    alone and exits 2, like argparse's own usage errors, with no traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

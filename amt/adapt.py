@@ -58,8 +58,9 @@ from torch import Tensor, nn
 
 from amt import devices
 from amt.backbones import Backbone
-from amt.checkpoints import MODEL_FORMAT, CheckpointError, load_tagged
+from amt.checkpoints import MODEL_FORMAT, CheckpointError, load_tagged, sha256
 from amt.episodes import episode_rng
+from amt.errors import UserError
 from amt.lora import DEFAULT_TARGETS, LoRALinear, lora_layers, merge, merged_weight
 from amt.pool import Pool, load_pool
 from amt.protonet import ProtoHead, prototypes
@@ -164,33 +165,38 @@ def _integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def load_selection(path: Path) -> tuple[Hyper, list[str]]:
-    """A selection file (``python -m amt select``): its hyperparameters and which it selected."""
+def load_selection(path: Path, model: Path) -> tuple[Hyper, list[str]]:
+    """A selection file (``python -m amt select``): its hyperparameters and which it selected.
+    It must have been selected for ``model`` (same SHA-256): another pool's choices would
+    apply silently."""
     try:
         document = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable selection JSON: {err}") from err
+        raise UserError(f"{path}: not a readable selection JSON: {err}") from err
     if not isinstance(document, dict) or document.get("format") != SELECTION_FORMAT:
-        raise ValueError(f"{path}: not an {SELECTION_FORMAT!r} file")
+        raise UserError(f"{path}: not an {SELECTION_FORMAT!r} file")
     selected = document.get("selected")
     if not isinstance(selected, list):
-        raise ValueError(f"{path}: 'selected' must list the hyperparameters it chose")
+        raise UserError(f"{path}: 'selected' must list the hyperparameters it chose")
+    if document.get("model_sha256") != sha256(model):
+        raise UserError(f"{path}: selected for model {document.get('model')!r} (SHA-256 "
+                        f"{document.get('model_sha256')}), not for {model}; select again")
     return Hyper.from_dict(document.get("hyperparameters", {}), str(path)), selected
 
 
-def read_selection(path: Path | None, method: str) -> Hyper:
+def read_selection(path: Path | None, method: str, model: Path) -> Hyper:
     """The hyperparameters for ``method`` from a selection file, which must have selected every
     one the method uses; None is fine for methods that use none."""
     needed = TUNED[method]
     if path is None:
         if needed:
-            raise ValueError(f"method {method} uses {list(needed)}: pass the JSON written by "
+            raise UserError(f"method {method} uses {list(needed)}: pass the JSON written by "
                              "`python -m amt select` for this domain")
         return Hyper()
-    hyper, selected = load_selection(path)
+    hyper, selected = load_selection(path, model)
     missing = [k for k in needed if k not in selected]
     if missing:
-        raise ValueError(f"{path}: selected {selected}; method {method} also needs {missing}")
+        raise UserError(f"{path}: selected {selected}; method {method} also needs {missing}")
     return hyper
 
 
@@ -651,6 +657,9 @@ def load_method(name: str, model: Path, hyper: Hyper, device: torch.device, amp:
     """``name`` over a pm/lora model file (pm, pmf, lora) or a pool file (the amt family)."""
     if name not in METHODS:
         raise ValueError(f"method {name!r}: expected one of {list(METHODS)}")
+    if name in ("pm", "pmf") and backbone_checkpoint is not None:
+        raise UserError(f"--backbone-checkpoint {backbone_checkpoint}: method {name} evaluates "
+                        f"the full backbone stored in {model} and would ignore it; leave it out")
     if name not in MODEL_METHODS:
         method = PoolMethod(load_pool(model, device, backbone_checkpoint), name, hyper, device,
                             amp, seed)

@@ -26,6 +26,7 @@ import numpy as np
 import timm
 import torch
 
+from amt.errors import UserError
 from data_prep.files import file_sha256 as sha256  # noqa: F401  (re-exported: amt names it so)
 from data_prep.files import fsync_file
 
@@ -34,17 +35,20 @@ MODEL_FORMAT = "amt-model"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint or model file is missing, unsafe, unreadable or of another format."""
 
 
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file beside ``path``, fsync, then rename over ``path``: a run
-    killed mid-write leaves the previous file intact."""
+    killed mid-write leaves the previous file intact. Saved through a file handle: given a
+    path, torch.save names the zip archive's records after the file, and the temporary name
+    (with its process id) would make identical runs write different bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(obj, tmp)
+        with tmp.open("wb") as handle:
+            torch.save(obj, handle)
         fsync_file(tmp)
         os.replace(tmp, path)
     finally:
@@ -71,18 +75,21 @@ def load_file(path: Path, published: str | None = None) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
-            f"{path}: refused: only tensors and plain containers may be loaded "
-            f"(torch.load weights_only=True), and this file holds something else - pickled "
-            f"code or objects - or is not a torch file ({_unpickling_detail(err)})") from err
+            f"{path}: refused: it holds non-tensor objects (pickled code or classes) or is not "
+            "a torch file; only tensors and plain containers are loaded, and nothing in a "
+            f"file is executed ({_unpickling_detail(err)})") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable torch file (truncated?): {err}") from err
 
 
 def _unpickling_detail(err: Exception) -> str:
-    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    """torch's reason (e.g. the unsupported global), without its advice: the hint to re-run
+    with weights_only=False would execute the file."""
+    advice = ("weights_only", "check the documentation", "please file an issue", "in pytorch",
+              "re-running", "you can use", "only load", "do it only")
     lines = [line.strip() for line in str(err).splitlines()]
-    detail = [line for line in lines if line and not line.startswith(boilerplate)]
-    return " ".join(detail) or lines[0]
+    detail = [line for line in lines if line and not any(a in line.lower() for a in advice)]
+    return " ".join(detail) or "unsupported content"
 
 
 def load_tagged(path: Path, fmt: str) -> dict:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from amt.errors import UserError
 from amt.transforms import Transform
 from data_prep.store import DomainStore, Hierarchy
 
@@ -46,7 +47,7 @@ REQUIRED_META = ("domain", "split", "setting", "seed", "count",
 _FINGERPRINT = ("num_images", "num_classes", "class_sizes_crc32")
 
 
-class EpisodeFileError(ValueError):
+class EpisodeFileError(UserError):
     """An episode file is missing, malformed, or does not belong to the store it is used with."""
 
 
@@ -431,6 +432,33 @@ def check_episodes_match(store: DomainStore, meta: dict) -> None:
         details = ", ".join(f"{k} {old} vs {new}" for k, (old, new) in differing.items())
         raise EpisodeFileError(f"episodes of {meta.get('domain')!r} were drawn from another "
                                f"version of {store.path} ({details}); draw them again")
+
+
+def check_episodes_fit(store: DomainStore, episodes: list[Episode], meta: dict, path: Path,
+                       setting_name: str | None = None) -> None:
+    """Raise unless every episode's classes are classes of the recorded split of ``store`` and
+    each image belongs to its label's class, and (given ``setting_name``) the file was drawn
+    for that setting."""
+    recorded = meta.get("setting_name")
+    if setting_name is not None and recorded != setting_name:
+        raise EpisodeFileError(f"{path}: drawn for setting {recorded!r} ({meta['setting']}), "
+                               f"but the job is for setting {setting_name!r}")
+    split = meta["split"]
+    allowed = set(store.classes_in_split(split).tolist())
+    for i, episode in enumerate(episodes):
+        outside = [int(c) for c in episode.classes if int(c) not in allowed]
+        if outside:
+            raise EpisodeFileError(f"{path}: episode {i}: class {outside[0]} is not a class of "
+                                   f"the {split!r} split of {store.path}")
+        for part in ("support", "query"):
+            for c, images in zip(episode.classes, episode.groups(part), strict=True):
+                start = int(store.class_offsets[c])
+                stray = images[(images < start) | (images >= start + store.class_sizes[c])]
+                if len(stray):
+                    raise EpisodeFileError(
+                        f"{path}: episode {i}: {part} image {int(stray[0])} is listed under "
+                        f"class {int(c)}, whose images are {start}..."
+                        f"{start + int(store.class_sizes[c]) - 1} in {store.path}")
 
 
 def save_episodes(path: str | os.PathLike, episodes: list[Episode], meta: dict) -> None:

@@ -70,11 +70,13 @@ from amt.corruptions import CORRUPTIONS, corrupt
 from amt.episodes import (
     Episode,
     EpisodeDataset,
+    check_episodes_fit,
     check_episodes_match,
     episode_rng,
     load_episodes,
     store_fingerprint,
 )
+from amt.errors import UserError
 from amt.report.results import SEVERITIES, parse_spectra, validate_results
 from amt.transforms import test_transform
 from data_prep.store import DomainStore
@@ -92,14 +94,16 @@ TORCHATTACKS_HINT = "python -m pip install --no-deps torchattacks==3.5.1"
 
 # -- configuration --------------------------------------------------------------------------------
 def budget(value: object, where: str) -> float:
-    """'k/255' or a number -> a float > 0."""
+    """'k/255' or a number -> a float in (0, 1]: pixels live in [0, 1], so a larger budget
+    (e.g. 8 meant as 8/255) allows any image."""
     try:
         eps = float(Fraction(value)) if isinstance(value, str) else float(value)
     except (TypeError, ValueError, ZeroDivisionError) as err:
-        raise ValueError(f"{where}: eps {value!r} is not a number or a fraction like "
-                         "'2/255'") from err
-    if isinstance(value, bool) or not np.isfinite(eps) or eps <= 0:
-        raise ValueError(f"{where}: eps {value!r}: expected a budget > 0")
+        raise UserError(f"{where}: eps {value!r} is not a number or a fraction like '2/255' "
+                        "(with a non-zero denominator)") from err
+    if isinstance(value, bool) or not np.isfinite(eps) or not 0 < eps <= 1:
+        raise UserError(f"{where}: eps {value!r}: expected a budget in (0, 1] (pixel space is "
+                        "[0, 1]; write e.g. '8/255')")
     return eps
 
 
@@ -388,7 +392,8 @@ class Evaluation:
         self.store = DomainStore(config.store)
         self.episodes, meta = load_episodes(config.episodes)
         check_episodes_match(self.store, meta)
-        self.hyper = read_selection(config.selection, config.method)
+        check_episodes_fit(self.store, self.episodes, meta, config.episodes, config.setting_name)
+        self.hyper = read_selection(config.selection, config.method, config.model)
         self.method = load_method(config.method, config.model, self.hyper, self.device,
                                   config.amp, config.seed, config.backbone_checkpoint)
         self.image_size, self.resize = image_sizes(self.method, config.image_size,

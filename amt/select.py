@@ -44,7 +44,7 @@ from amt.adapt import (
     load_selection,
 )
 from amt.checkpoints import sha256, write_json_atomic
-from amt.episodes import EpisodeDataset, check_episodes_match, load_episodes
+from amt.episodes import EpisodeDataset, check_episodes_fit, check_episodes_match, load_episodes
 from amt.evaluate import episode_batches, image_sizes
 from amt.transforms import test_transform
 from data_prep.store import DomainStore
@@ -110,8 +110,8 @@ class SelectConfig:
 def _base(config: SelectConfig, points: list[dict]) -> tuple[Hyper, list[str]]:
     """The fixed hyperparameters and the full list of selected ones; raises if the method
     uses one that neither the grid nor the base selection sets."""
-    base, selected = (load_selection(config.base_selection) if config.base_selection
-                      else (Hyper(), []))
+    base, selected = (load_selection(config.base_selection, config.model)
+                      if config.base_selection else (Hyper(), []))
     if config.ft_steps is not None:
         base = replace(base, ft_steps=config.ft_steps)
     chosen = sorted(set(selected) | set(points[0]))
@@ -161,6 +161,7 @@ def select(config: SelectConfig) -> dict:
     store = DomainStore(config.store)
     episodes, meta = load_episodes(config.episodes)
     check_episodes_match(store, meta)
+    check_episodes_fit(store, episodes, meta, config.episodes)
     method = load_method(config.method, config.model, base, device, config.amp, config.seed,
                          config.backbone_checkpoint)
     size, resize = image_sizes(method, config.image_size, config.resize, config.model)

@@ -109,8 +109,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
         self.budget_choices = tuple(self.budget_choices)
-        for i, eps in enumerate(self.budget_choices):
-            _at_least(f"budget_choices[{i}]", eps, 0.0)
+        for key, eps in (("budget", self.budget),
+                         *((f"budget_choices[{i}]", e) for i, e in enumerate(self.budget_choices))):
+            _at_least(key, eps, 0.0)
+            if eps > 1:  # pixels live in [0, 1]: a larger budget allows any image
+                raise ValueError(f"config {key}={eps!r}: expected a budget in [0, 1] (pixel "
+                                 "space is [0, 1]; write e.g. 8/255)")
         if self.image_size is None:
             self.image_size = get_spec(self.backbone).image_size
         _choice("method", self.method, METHODS)
@@ -121,7 +125,7 @@ class TrainConfig:
             _at_least(key, getattr(self, key), 1)
         for key in ("seed", "warmup_epochs", "attack_steps", "workers"):
             _at_least(key, getattr(self, key), 0)
-        for key in ("lr", "momentum", "weight_decay", "budget", "awp_gamma", "lambda_adv"):
+        for key in ("lr", "momentum", "weight_decay", "awp_gamma", "lambda_adv"):
             _at_least(key, getattr(self, key), 0.0)
         if self.attack_alpha is not None and self.attack_alpha <= 0:
             raise ValueError(f"config attack_alpha={self.attack_alpha}: expected > 0 or None")

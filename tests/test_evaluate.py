@@ -16,6 +16,7 @@ from test_pool import make_domain, make_episodes, make_pool, model_file, one_thr
 
 from amt.adapt import SELECTION_FORMAT, Hyper, load_method
 from amt.attacks import pgd
+from amt.checkpoints import sha256
 from amt.evaluate import (
     AttackSpec,
     Condition,
@@ -49,7 +50,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     selection.write_text(json.dumps({
         "format": SELECTION_FORMAT, "selected": ["beta", "gamma", "top_k", "str_layers",
                                                  "str_ratio"],
-        "hyperparameters": {"str_layers": "fc1", "str_ratio": 0.5}}))
+        "hyperparameters": {"str_layers": "fc1", "str_ratio": 0.5},
+        "model": str(pool), "model_sha256": sha256(pool)}))
     return {"pool": pool, "store": store, "selection": selection,
             "pm": model_file(folder, folder / "tiny_backbone.pth", "pm", method="pm"),
             "episodes": make_episodes(store, folder / "test.json", count=3, ways=5)}
@@ -150,7 +152,7 @@ def test_missing_torchattacks_names_the_install_command(monkeypatch):
                                                             "eps": [0.1]}],
      r"--attacks\[1\]: bad value of 'attack': 'fgsm'"),
     ([{"attack": "pgd", "norm": "linf", "eps": ["2/0"]}], r"--attacks\[0\]\.eps: eps '2/0'"),
-    ([{"attack": "pgd", "norm": "linf", "eps": [-1]}], "expected a budget > 0"),
+    ([{"attack": "pgd", "norm": "linf", "eps": [-1]}], r"eps -1: expected a budget in \(0, 1\]"),
     ([{"attack": "pgd", "norm": "linf", "eps": [0.1], "step": 3}], r"unknown keys \['step'\]"),
     ({"attack": "pgd"}, "expected a JSON list"),
 ])

@@ -90,8 +90,9 @@ def make_episodes(store_path: Path, out: Path, count: int = 2, ways: int = 5, sh
     store = DomainStore(store_path)
     sampler = FixedSampler(ways=ways, shots=shots, queries=queries)
     episodes = draw_episodes(store, "test", sampler, count, seed)
-    save_episodes(out, episodes, episode_meta(store, domain="synthetic", split="test",
-                                              sampler=sampler, seed=seed, count=count))
+    meta = episode_meta(store, domain="synthetic", split="test", sampler=sampler, seed=seed,
+                        count=count)
+    save_episodes(out, episodes, {**meta, "setting_name": f"{ways}w{shots}s"})
     return out
 
 
@@ -160,3 +161,10 @@ def test_pool_command(tmp_path):
                               "--out", str(tmp_path / "p.pt")])
     assert args.func(args) == 0
     assert load_tagged(tmp_path / "p.pt", POOL_FORMAT)["strategy"] == "uniform"
+
+
+def test_pool_files_of_the_same_members_are_byte_identical(tmp_path):
+    backbone = backbone_file(tmp_path)
+    members = [model_file(tmp_path, backbone, f"m{p}", seed=p) for p in range(2)]
+    pools = [assemble_pool(members, tmp_path / f"pool{i}.pt", "separate") for i in range(2)]
+    assert pools[0].read_bytes() == pools[1].read_bytes()

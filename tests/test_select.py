@@ -44,13 +44,13 @@ def test_select_picks_the_clearly_best_point_and_records_the_grid(files, tmp_pat
                                     "beta": 1.0, "top_k": 2}
     trimmed = max(points[("all", g)]["accuracy"] for g in (0.6, 0.4))
     assert result["best_accuracy"] >= trimmed + 0.2
-    hyper = read_selection(tmp_path / "sel.json", "amt")
+    hyper = read_selection(tmp_path / "sel.json", "amt", files["pool"])
     assert (hyper.str_layers, hyper.gamma, hyper.beta, hyper.top_k) == ("none", 0.6, 1.0, 2)
 
     # the recorded scores are the accuracies evaluate() measures with the chosen values
     rows = evaluate(EvalConfig(
         method="amt", model=files["pool"], store=files["store"], episodes=files["episodes"],
-        benchmark="b", domain="d", in_domain=False, setting_name="s", out=tmp_path / "e.csv",
+        benchmark="b", domain="d", in_domain=False, setting_name="5w1s", out=tmp_path / "e.csv",
         selection=tmp_path / "sel.json", device="cpu"))
     assert rows.accuracy.tolist() == points[("none", 0.6)]["episode_accuracy"]
 
@@ -85,9 +85,9 @@ def test_finetuning_lr_is_selected_on_top_of_a_merge_selection(files, tmp_path):
                             base_selection=tmp_path / "amt.json", ft_steps=2))
     assert result["best_point"] == {"lr": 0.0}  # lr 30 wrecks the backbone in two Adam steps
     assert result["hyperparameters"]["ft_steps"] == 2
-    assert read_selection(tmp_path / "ft.json", "amt_ft").top_k == 2
+    assert read_selection(tmp_path / "ft.json", "amt_ft", files["pool"]).top_k == 2
     with pytest.raises(ValueError, match=r"also needs \['lr'\]"):
-        read_selection(tmp_path / "amt.json", "amt_ft")
+        read_selection(tmp_path / "amt.json", "amt_ft", files["pool"])
 
 
 @pytest.mark.parametrize(("method", "grid", "message"), [
@@ -112,4 +112,4 @@ def test_select_command_for_pmf(files, tmp_path):
         '{"lr": [0.0, 30.0]}', "--ft-steps", "1", "--device", "cpu", "--out",
         str(tmp_path / "pmf.json")])
     assert args.func(args) == 0
-    assert read_selection(tmp_path / "pmf.json", "pmf").lr == 0.0
+    assert read_selection(tmp_path / "pmf.json", "pmf", files["pm"]).lr == 0.0
