@@ -37,7 +37,7 @@ BAD = [
      r"evaluate\.attacks\[0\]\.eps\[0\]: '4/0' is not a budget > 0"),
     ("eps 0", _set("evaluate.attacks.0.eps", [0]), r"evaluate\.attacks\[0\]\.eps\[0\]: 0 is less"),
     ("eps 0/255", _set("evaluate.attacks.0.eps", ["0/255"]),
-     r"evaluate\.attacks\[0\]\.eps: eps '0/255': expected a budget > 0"),
+     r"evaluate\.attacks\[0\]\.eps: eps '0/255': expected a budget in \(0, 1\]"),
     ("attack typo", _set("evaluate.attacks.0.stpes", 5),
      r"evaluate\.attacks\[0\]: unknown keys \['stpes'\]; allowed: .*'steps'"),
     ("uniform pool budget 4/0", _set("train.amt.budgets", ["1/255", "4/0"]),
