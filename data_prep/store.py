@@ -474,8 +474,8 @@ class DomainStore:
 
     def read(self, index: int) -> np.ndarray:
         """Decoded image ``index`` as an HxWxC uint8 array (C is 1 or 3), its CRC-32 checked
-        first (0.3 us against about 50 us for the read: a damaged byte that still decodes would
-        otherwise pass as other pixels)."""
+        first (about 2 % of a read: 7 us of 340 us for a 38 KB JPEG; a damaged byte that still
+        decodes would otherwise pass as other pixels)."""
         if not 0 <= index < self.num_images:
             raise IndexError(f"{self.path}: image {index} outside [0, {self.num_images})")
         data = self.read_bytes(index)
