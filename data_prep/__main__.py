@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from data_prep.checksums import verify_checksums
-from data_prep.convert import StorageSettings
+from data_prep.convert import StorageSettings, check_output, report_path
 from data_prep.sources import SOURCES, source_module
 from data_prep.store import DomainStore, StoreError
 
@@ -44,13 +44,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
     module = source_module(args.source)
     if module.NEEDS_RAW and args.raw is None:
         raise SystemExit(f"{args.source} needs --raw DIR.\nExpected raw layout:\n{module.LAYOUT}")
+    check_output(args.out)
+    options = _parse_options(args.option)
     if args.checksums:
         checked = verify_checksums(args.raw, args.checksums)
         logging.info("%s: %d raw files match %s", args.source, checked, args.checksums)
+    if args.force and args.out.exists():  # the converter leaves a finished file alone
+        logging.info("%s: --force: removing the existing file to convert again", args.out)
+        args.out.unlink()
+        report_path(args.out).unlink(missing_ok=True)
     report = module.convert(args.raw, args.out, workers=args.workers, settings=_settings(args),
-                            **_parse_options(args.option))
+                            **options)
+    if report.up_to_date:
+        print(f"{args.source}: {args.out} is up to date (same source, settings and raw class "
+              "list); left alone, pass --force to rebuild")
+        return 0
     print(f"{args.source}: {report.images} images in {report.classes} classes -> {args.out} "
-          f"({len(report.skipped)} skipped, {report.seconds:.1f}s)")
+          f"({len(report.skipped)} skipped, {len(report.warnings)} warnings, "
+          f"{report.seconds:.1f}s)")
     return 0
 
 
@@ -132,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sha256sum-format file of raw files to check first")
     convert.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                          help="source-specific option (repeatable)")
+    convert.add_argument("--force", action="store_true",
+                         help="convert again even if OUT is up to date or was converted with "
+                              "other settings (which is otherwise an error)")
     convert.set_defaults(func=cmd_convert)
 
     inspect = sub.add_parser("inspect", help="print counts, splits and provenance of a file")

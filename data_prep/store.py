@@ -59,6 +59,10 @@ class StoreError(ValueError):
     """A domain file is missing, truncated, unfinished, of another format, or inconsistent."""
 
 
+class DamagedImageError(StoreError):
+    """An image's stored bytes do not match their CRC-32, or do not decode."""
+
+
 @dataclass(frozen=True)
 class Hierarchy:
     """Superclass structure over the classes of a domain.
@@ -398,6 +402,7 @@ class DomainStore:
             self.image_offsets = f["image_offsets"][:]
             n_bytes = len(f["image_bytes"])
             self.shapes = f["shapes"][:]
+            self.checksums = f["checksums"][:]
             self.class_offsets = f["class_offsets"][:].astype(np.int64)
             self.class_names = [s.decode() for s in f["classes/names"][:]]
             self.class_split_codes = f["classes/split"][:]
@@ -411,7 +416,7 @@ class DomainStore:
     def _check_consistency(self, n_bytes: int) -> None:
         n, c = self.attrs["num_images"], self.attrs["num_classes"]
         lengths = {"image_offsets": len(self.image_offsets) - 1, "labels": len(self.labels),
-                   "shapes": len(self.shapes)}
+                   "shapes": len(self.shapes), "checksums": len(self.checksums)}
         if any(length != n for length in lengths.values()):
             raise StoreError(f"{self.path}: dataset lengths {lengths} disagree with num_images={n}")
         image_offsets = self.image_offsets
@@ -468,16 +473,36 @@ class DomainStore:
         return self._bytes[start:stop].tobytes()
 
     def read(self, index: int) -> np.ndarray:
-        """Decoded image ``index`` as an HxWxC uint8 array (C is 1 or 3)."""
+        """Decoded image ``index`` as an HxWxC uint8 array (C is 1 or 3), its CRC-32 checked
+        first (about 2 % of a read: 7 us of 340 us for a 38 KB JPEG; a damaged byte that still
+        decodes would otherwise pass as other pixels)."""
         if not 0 <= index < self.num_images:
             raise IndexError(f"{self.path}: image {index} outside [0, {self.num_images})")
-        return decode_image(self.read_bytes(index))
+        data = self.read_bytes(index)
+        crc = zlib.crc32(data)
+        if crc != self.checksums[index]:
+            raise DamagedImageError(
+                f"{self._where(index)}: CRC-32 of its {len(data)} stored bytes is {crc:08x}, "
+                f"expected {int(self.checksums[index]):08x}; the file is damaged (check it with "
+                f"`python -m data_prep verify {self.path}`, convert the source again)")
+        try:
+            return decode_image(data)
+        except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, ...
+            raise DamagedImageError(f"{self._where(index)}: cannot decode its stored bytes "
+                                    f"({type(err).__name__}: {err})") from err
+
+    def _where(self, index: int) -> str:
+        """File, class and position of image ``index``, for error messages."""
+        label = int(self.labels[index])
+        within = index - int(self.class_offsets[label])
+        return (f"{self.path}: image {index} (class {label} {self.class_names[label]!r}, "
+                f"image {within} of the class)")
 
     def verify(self) -> list[str]:
         """Decode every image and check checksums and shapes; returns a list of problems."""
         problems: list[str] = []
         f = self._file()
-        checksums = f["checksums"][:]
+        checksums = self.checksums
         offsets = self.image_offsets
         for start in range(0, self.num_images, _WRITE_CHUNK):
             stop = min(start + _WRITE_CHUNK, self.num_images)
@@ -559,6 +584,22 @@ def _read_hierarchy(group: h5py.Group) -> Hierarchy:
     if kind == "two_level":
         return Hierarchy(kind, names, class_parent=group["class_parent"][:].astype(np.int64))
     return Hierarchy(kind, names, edges=group["edges"][:])
+
+
+def finished_attrs(path: str | os.PathLike
+                   ) -> tuple[dict, list[str], list[str], list[tuple[str, str]]]:
+    """Attributes, class names, class splits and skipped files of a finished domain file, read
+    without loading its per-image tables (to decide whether a conversion is up to date)."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(v) if k != "settings" else v for k, v in f.attrs.items()}
+            if attrs.get("format") != FORMAT_NAME or not attrs.get("complete", False):
+                raise StoreError(f"{path}: exists but is not a finished {FORMAT_NAME} file")
+            names = [s.decode() for s in f["classes/names"][:]]
+            splits = [SPLITS[code] for code in f["classes/split"][:]]
+            return attrs, names, splits, _read_skipped(f)
+    except (OSError, KeyError, IndexError) as err:
+        raise StoreError(f"{path}: exists but is not a readable domain file ({err})") from err
 
 
 def _read_skipped(f: h5py.File) -> list[tuple[str, str]]:

@@ -31,13 +31,23 @@ def _specs(sizes: list[int], split: str = "test") -> list[ClassSpec]:
 def test_check_expected_full_tree_matching_counts_passes() -> None:
     record = check_expected("s", _specs([2, 3]), Expected(2, 5, (0, 0, 2)), full=True)
     assert record == {"expected_counts": {"classes": 2, "images": 5, "splits": (0, 0, 2)},
-                      "tree": "full"}
+                      "tree": "full", "images_found": 5}
 
 
-def test_check_expected_full_tree_with_other_counts_names_each_difference() -> None:
-    message = r"images: expected 6, found 5; splits: expected \(1, 0, 1\), found \(0, 0, 2\)"
+def test_check_expected_full_tree_with_other_class_counts_names_each_difference() -> None:
+    message = r"classes: expected 3, found 2; splits: expected \(1, 0, 2\), found \(0, 0, 2\)"
     with pytest.raises(CountMismatchError, match=message):
-        check_expected("s", _specs([2, 3]), Expected(2, 6, (1, 0, 1)), full=True)
+        check_expected("s", _specs([2, 3]), Expected(3, 5, (1, 0, 2)), full=True)
+
+
+def test_check_expected_every_class_fewer_images_warns_like_meta_dataset(caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        record = check_expected("s", _specs([2, 3]), Expected(2, 6, (0, 0, 2)), full=True)
+    assert record["tree"] == "full" and record["images_found"] == 5
+    assert record["warnings"] == ["s: other image counts than the benchmark (found vs "
+                                  "expected): 5 vs 6 images; converted all the same, but "
+                                  "results are not on the benchmark's full domain"]
+    assert record["warnings"][0] in caplog.text
 
 
 def test_check_expected_open_image_count_is_not_compared() -> None:
@@ -87,11 +97,14 @@ def test_crop_disease_wrong_root_names_expected_layout(tmp_path) -> None:
 
 
 # -- EuroSAT ------------------------------------------------------------------------------------
-def test_eurosat_complete_looking_tree_with_wrong_counts_is_an_error(tmp_path) -> None:
-    fx.eurosat(tmp_path / "raw")
-    with pytest.raises(CountMismatchError, match="images: expected 27000, found 20"):
-        eurosat.convert(tmp_path / "raw", tmp_path / "eurosat.h5")
-    assert not (tmp_path / "eurosat.h5").exists()
+def test_eurosat_every_class_fewer_images_converts_with_a_reported_warning(tmp_path) -> None:
+    fx.eurosat(tmp_path / "raw")  # all 10 classes, 2 images each instead of 27,000 in all
+    out = tmp_path / "eurosat.h5"
+    report = eurosat.convert(tmp_path / "raw", out)
+    assert DomainStore(out).num_images == 20
+    written = json.loads(report_path(out).read_text())
+    assert written["warnings"] == report.warnings
+    assert any("20 vs 27000 images" in w for w in report.warnings)
 
 
 def test_eurosat_full_tree_matching_counts_keeps_native_64px(tmp_path, monkeypatch) -> None:

@@ -19,7 +19,7 @@ from fixtures_metadataset import (
     traffic_sign_names,
 )
 
-from data_prep.convert import StorageSettings
+from data_prep.convert import StorageSettings, report_path
 from data_prep.sources import source_module
 from data_prep.sources.common import LayoutError
 from data_prep.sources.metadataset_common import (
@@ -135,7 +135,9 @@ def test_full_download_gives_meta_dataset_classes_and_ids(source, tmp_path, capl
     assert settings["classes_per_split"] == dict(zip(SPLITS, EXPECTED[source], strict=True))
     assert "partial download" not in caplog.text
     # one or two images per class instead of the real counts: reported, not fatal
-    assert "different number of raw images" in caplog.text
+    assert "other image counts than Meta-Dataset's spec" in caplog.text
+    report = json.loads(report_path(tmp_path / f"{source}.h5").read_text())
+    assert any("other image counts than Meta-Dataset's spec" in w for w in report["warnings"])
 
 
 def test_full_omniglot_keeps_alphabets_as_superclasses(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy.io import loadmat
 
-from data_prep.convert import ConversionReport, StorageSettings, write_domain
+from data_prep.convert import ConversionReport, StorageSettings, merged, write_domain
 from data_prep.sources.common import load_image, require, require_raw
 from data_prep.sources.cross_domain_common import Expected, check_expected, tseng_protocol
 
@@ -67,7 +67,8 @@ def convert(raw: Path | None, out: Path, *, workers: int = 1,
     for name, label in sorted(annotations):
         files[label].append(images / name)
     classes, extra = tseng_protocol(list(zip(names, files, strict=True)))
-    extra |= check_expected("cars", classes, EXPECTED, full=len(names) >= EXPECTED.classes)
+    extra = merged(extra, check_expected("cars", classes, EXPECTED,
+                                         full=len(names) >= EXPECTED.classes))
     extra |= {"crop": "none: whole images, as Tseng et al."}
     return write_domain(out, source="cars", converter_version=VERSION, classes=classes,
                         load=load_image, settings=settings, extra_settings=extra, workers=workers)

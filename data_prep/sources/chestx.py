@@ -1,7 +1,8 @@
 """ChestX-ray8 (NIH chest X-rays, Kaggle copy; BSCD-FSL target): 7 thorax diseases, all test.
 
-Following IBM/cdfsl-benchmark, only rows of ``Data_Entry_2017.csv`` with a single finding among
-the 7 labels below are used. Rows are dropped by that protocol, not silently: 'No Finding',
+Following IBM/cdfsl-benchmark, only rows of ``Data_Entry_2017.csv`` (or the NIH's re-issue
+``Data_Entry_2017_v2020.csv``, same images and labels) with a single finding among the 7 labels
+below are used. Rows are dropped by that protocol, not silently: 'No Finding',
 multi-label rows and every other single label (Pneumonia, and the labels ChestX-ray14 added) are
 counted per reason in the provenance (``dropped_by_protocol``).
 
@@ -17,19 +18,26 @@ from __future__ import annotations
 import csv
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
-from data_prep.convert import ConversionReport, StorageSettings, write_domain
-from data_prep.sources.common import IMAGE_SUFFIXES, LayoutError, load_image, require, require_raw
-from data_prep.sources.cross_domain_common import Expected, bscd_protocol, check_expected
+from data_prep.convert import ConversionReport, StorageSettings, merged, write_domain
+from data_prep.sources.common import IMAGE_SUFFIXES, LayoutError, load_image, require_raw
+from data_prep.sources.cross_domain_common import (
+    Expected,
+    bscd_protocol,
+    check_expected,
+    first_existing,
+)
 
 VERSION = "1"
 NEEDS_RAW = True
 CSV_NAME = "Data_Entry_2017.csv"
-LAYOUT = (f"<raw>/{CSV_NAME} (columns 'Image Index', 'Finding Labels', ...)\n"
+CSV_CANDIDATES = (CSV_NAME, "Data_Entry_2017_v2020.csv")  # the first one present is read
+LAYOUT = (f"<raw>/{CSV_NAME} or <raw>/{CSV_CANDIDATES[1]} (columns 'Image Index', "
+          "'Finding Labels', ...)\n"
           "<raw>/**/<Image Index>.png anywhere below the root, e.g. the Kaggle copy's "
           "images_001/images/ ... images_012/images/")
 LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
@@ -44,11 +52,12 @@ class Missing:
     """An image listed in the CSV but found nowhere under the raw root."""
 
     name: str
+    csv: str = field(default=CSV_NAME, repr=False)
 
 
 def load_xray(item: Path | Missing) -> Image.Image:
     if isinstance(item, Missing):
-        raise FileNotFoundError(f"listed in {CSV_NAME} but not found under the raw root")
+        raise FileNotFoundError(f"listed in {item.csv} but not found under the raw root")
     return load_image(item).convert("L")
 
 
@@ -102,13 +111,16 @@ def select_single_labels(entries: dict[str, str]) -> tuple[dict[str, list[str]],
 def convert(raw: Path | None, out: Path, *, workers: int = 1,
             settings: StorageSettings | None = None) -> ConversionReport:
     root = require_raw(raw, "chestx", LAYOUT)
-    entries = read_entries(require(root / CSV_NAME, "chestx", LAYOUT))
+    csv_path = first_existing(root, CSV_CANDIDATES, "chestx", LAYOUT)
+    entries = read_entries(csv_path)
     kept, dropped = select_single_labels(entries)
     index = index_images(root)
-    named = [(label, [index.get(name, Missing(name)) for name in names])
+    named = [(label, [index.get(name, Missing(name, csv_path.name)) for name in names])
              for label, names in kept.items()]
     classes, extra = bscd_protocol(named)
-    extra |= check_expected("chestx", classes, EXPECTED, full=len(entries) >= CSV_ROWS)
-    extra |= {"csv_rows": len(entries), "dropped_by_protocol": dropped}
+    extra = merged(extra, check_expected("chestx", classes, EXPECTED,
+                                         full=len(entries) >= CSV_ROWS),
+                   {"csv_file": csv_path.name, "csv_rows": len(entries),
+                    "dropped_by_protocol": dropped})
     return write_domain(out, source="chestx", converter_version=VERSION, classes=classes,
                         load=load_xray, settings=settings, extra_settings=extra, workers=workers)

@@ -13,8 +13,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_prep.convert import ClassSpec, ConversionReport, StorageSettings, write_domain
-from data_prep.sources.common import IMAGE_SUFFIXES, LayoutError, load_image, require, require_raw
+from data_prep.convert import (
+    ClassSpec,
+    ConversionReport,
+    StorageSettings,
+    merged,
+    other_image_counts,
+    warning,
+    write_domain,
+)
+from data_prep.sources.common import IMAGE_SUFFIXES, LayoutError, load_image, require_raw
 from data_prep.store import SPLITS
 
 log = logging.getLogger(__name__)
@@ -86,9 +94,9 @@ def unused_record(source: str, unused: Sequence[Path]) -> dict:
     if not unused:
         return {"unused_entries": 0}
     shown = [str(p) for p in unused[:_SHOWN]]
-    log.warning("%s: %d entries are not image files in a class folder and were not converted, "
-                "e.g. %s", source, len(unused), shown)
-    return {"unused_entries": len(unused), "unused_examples": shown}
+    return merged({"unused_entries": len(unused), "unused_examples": shown},
+                  warning(source, f"{len(unused)} entries are not image files in a class folder "
+                                  f"and were not converted, e.g. {shown}"))
 
 
 def bscd_protocol(named: NamedItems) -> tuple[list[ClassSpec], dict]:
@@ -126,27 +134,30 @@ def check_expected(source: str, classes: Sequence[ClassSpec], expected: Expected
     """Compare the listed classes with the benchmark's counts; returns provenance.
 
     ``full`` says the raw tree is at least as large as the benchmark's download in the dimension
-    that defines it (class folders, CSV rows): then any difference is an error, because results
-    on it would not be the benchmark's. A smaller tree (a sample, a test fixture) only warns.
+    that defines it (class folders, CSV rows): then other class or split counts are an error,
+    because results on it would not be the benchmark's. Other image counts with every class (a
+    sample, a test set) only warn, as for Meta-Dataset; so does a smaller tree.
     """
     found = observed_counts(classes)
-    record = {"expected_counts": asdict(expected), "tree": "full" if full else "partial"}
+    record = {"expected_counts": asdict(expected), "tree": "full" if full else "partial",
+              "images_found": found.images}
     if not full:
-        log.warning("%s: partial raw tree (%d classes, %d images listed; the benchmark has %s): "
-                    "the output is not the benchmark's domain", source, found.classes,
-                    found.images, asdict(expected))
-        return record
+        return merged(record, warning(
+            source, f"partial raw tree ({found.classes} classes, {found.images} images listed; "
+                    f"the benchmark has {asdict(expected)}): the output is not the benchmark's "
+                    "domain"))
     differences = [f"{key}: expected {want}, found {got}"
-                   for key, want, got in zip(("classes", "images", "splits"),
-                                             (expected.classes, expected.images, expected.splits),
-                                             (found.classes, found.images, found.splits),
-                                             strict=True)
-                   if want is not None and want != got]
+                   for key, want, got in zip(("classes", "splits"),
+                                             (expected.classes, expected.splits),
+                                             (found.classes, found.splits), strict=True)
+                   if want != got]
     if differences:
         raise CountMismatchError(f"{source}: the raw tree looks complete but does not match the "
                                  f"benchmark ({'; '.join(differences)}); check the download "
                                  "against docs/datasets_cross_domain.md")
-    return record
+    images = [] if expected.images in (None, found.images) else \
+        [f"{found.images} vs {expected.images} images"]
+    return merged(record, other_image_counts(source, "the benchmark", images))
 
 
 def convert_class_folders(
@@ -156,26 +167,28 @@ def convert_class_folders(
     source: str,
     version: str,
     layout: str,
-    subdir: str,
+    subdirs: Sequence[str],
     expected: Expected,
     protocol: Protocol,
     per_class: int | None = None,
     workers: int = 1,
     settings: StorageSettings | None = None,
 ) -> ConversionReport:
-    """Convert ``<raw>/<subdir>/<class folder>/<image>`` (sorted folders) with ``protocol``.
+    """Convert ``<raw>/<subdir>/<class folder>/<image>`` (sorted folders) with ``protocol``,
+    ``subdir`` the first of ``subdirs`` that exists.
 
     ``per_class`` keeps the first that many files of each class by sorted name.
     """
-    root = require(require_raw(raw, source, layout) / subdir, source, layout)
+    root = first_existing(require_raw(raw, source, layout), subdirs, source, layout)
     tree = scan_class_folders(root)
     if not tree.classes:
         raise LayoutError(f"{source}: no class folders in {root}.\n"
                           f"Expected raw layout for {source}:\n{layout}")
     named = [(name, files[:per_class]) for name, files in tree.classes]
     classes, extra = protocol(named)
-    extra |= check_expected(source, classes, expected, full=len(tree.classes) >= expected.classes)
-    extra |= unused_record(source, tree.unused)
+    extra = merged(extra, check_expected(source, classes, expected,
+                                         full=len(tree.classes) >= expected.classes),
+                   unused_record(source, tree.unused))
     if per_class is not None:
         beyond = sum(max(0, len(files) - per_class) for _, files in tree.classes)
         extra |= {"per_class_limit": per_class, "files_beyond_limit": beyond}

@@ -13,13 +13,15 @@ from data_prep.sources.cross_domain_common import Expected, convert_class_folder
 
 VERSION = "1"
 NEEDS_RAW = True
-SUBDIR = "CUB_200_2011/images"
-LAYOUT = "<raw>/CUB_200_2011/images/<200 folders NNN.Name, e.g. 001.Black_footed_Albatross>/*.jpg"
+# the roots cu_birds accepts for the same download: the CUB_200_2011 folder or its parent
+SUBDIRS = ("images", "CUB_200_2011/images")
+LAYOUT = ("<raw>/CUB_200_2011/images/<200 folders NNN.Name, e.g. 001.Black_footed_Albatross>/*.jpg"
+          "\n(or <raw>/images/<200 folders> with <raw> the CUB_200_2011 folder itself)")
 EXPECTED = Expected(classes=200, images=11_788, splits=(100, 50, 50))
 
 
 def convert(raw: Path | None, out: Path, *, workers: int = 1,
             settings: StorageSettings | None = None) -> ConversionReport:
     return convert_class_folders(raw, out, source="cub", version=VERSION, layout=LAYOUT,
-                                 subdir=SUBDIR, expected=EXPECTED, protocol=tseng_protocol,
+                                 subdirs=SUBDIRS, expected=EXPECTED, protocol=tseng_protocol,
                                  workers=workers, settings=settings)

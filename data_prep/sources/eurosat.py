@@ -21,5 +21,5 @@ EXPECTED = Expected(classes=10, images=27_000, splits=(0, 0, 10))
 def convert(raw: Path | None, out: Path, *, workers: int = 1,
             settings: StorageSettings | None = None) -> ConversionReport:
     return convert_class_folders(raw, out, source="eurosat", version=VERSION, layout=LAYOUT,
-                                 subdir=SUBDIR, expected=EXPECTED, protocol=bscd_protocol,
+                                 subdirs=(SUBDIR,), expected=EXPECTED, protocol=bscd_protocol,
                                  workers=workers, settings=settings)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from data_prep.convert import ConversionReport, StorageSettings, write_domain
+from data_prep.convert import ConversionReport, StorageSettings, merged, write_domain
 from data_prep.sources.common import load_image, require, require_raw
 from data_prep.sources.cross_domain_common import (
     Expected,
@@ -74,6 +74,6 @@ def convert(raw: Path | None, out: Path, *, workers: int = 1,
     named = [(name, [images / f"{image}.jpg" for image in sorted(labels) if labels[image] == c])
              for c, name in enumerate(names)]
     classes, extra = bscd_protocol(named)
-    extra |= check_expected("isic", classes, EXPECTED, full=len(labels) >= CSV_ROWS)
+    extra = merged(extra, check_expected("isic", classes, EXPECTED, full=len(labels) >= CSV_ROWS))
     return write_domain(out, source="isic", converter_version=VERSION, classes=classes,
                         load=load_image, settings=settings, extra_settings=extra, workers=workers)

@@ -24,7 +24,16 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_prep.convert import ClassSpec, ConversionReport, Loader, StorageSettings, write_domain
+from data_prep.convert import (
+    ClassSpec,
+    ConversionReport,
+    Loader,
+    StorageSettings,
+    merged,
+    other_image_counts,
+    warning,
+    write_domain,
+)
 from data_prep.sources.common import (
     LayoutError,
     class_folders,
@@ -114,13 +123,25 @@ def layout_error(source: str, layout: str, message: str) -> LayoutError:
 
 def find_root(raw: Path | None, source: str, layout: str, marker: str,
               nested: Sequence[str] = ()) -> Path:
-    """The download's root: ``raw`` itself or one of its ``nested`` folders (the archive's own
-    top folder), whichever holds ``marker``."""
+    """The download's root: ``raw`` itself, one of its ``nested`` folders (the archive's own top
+    folder), or else the one sub-folder of ``raw`` (any name) that holds ``marker`` (a path or
+    a glob pattern relative to the root)."""
     raw = require_raw(raw, source, layout)
     for root in (raw, *(raw / n for n in nested)):
-        if (root / marker).exists():
+        if _holds(root, marker):
             return root
-    raise layout_error(source, layout, f"{raw / marker} does not exist")
+    below = [folder for folder in class_folders(raw) if _holds(folder, marker)]
+    if len(below) > 1:
+        raise layout_error(source, layout, f"several folders of {raw} hold {marker}: "
+                           f"{_shown([str(b) for b in below])}; pass one of them as --raw")
+    if below:
+        log.info("%s: using %s as the download's root", source, below[0])
+        return below[0]
+    raise layout_error(source, layout, f"{raw / marker} does not exist (nor in a sub-folder)")
+
+
+def _holds(root: Path, marker: str) -> bool:
+    return next(root.glob(marker), None) is not None
 
 
 def class_files(folder: Path, exclude: Iterable[str] = ()) -> list[str]:
@@ -174,9 +195,9 @@ def write_metadataset(out: Path, *, source: str, version: str, classes: Sequence
         raise ValueError(f"{source}: {len(empty)} classes are in the raw tree but have no "
                          f"images (broken or unfinished extraction?): {_shown(empty)}")
     counts = {split: sum(c.split == split for c in classes) for split in SPLITS}
-    extra_settings = {"split_source": split_source, "reference": REFERENCE,
-                      "classes_per_split": counts, **check_against_spec(source, classes, counts),
-                      **(extra or {})}
+    extra_settings = merged({"split_source": split_source, "reference": REFERENCE,
+                             "classes_per_split": counts},
+                            check_against_spec(source, classes, counts), extra or {})
     return write_domain(out, source=source, converter_version=version, classes=classes,
                         load=load, settings=settings, extra_settings=extra_settings,
                         hierarchy=hierarchy, workers=workers)
@@ -188,29 +209,27 @@ def check_against_spec(source: str, classes: Sequence[ClassSpec], counts: dict[s
     spec = reference_spec(source)
     present = {c.name for c in classes}
     missing = [name for name in spec.class_names if name not in present]
-    if missing:
-        _warn_partial(source, spec, missing)
-    elif counts != spec.split_counts:
+    partial = _warn_partial(source, spec, missing) if missing else {}
+    if not missing and counts != spec.split_counts:
         extra = sorted(present - set(spec.class_names))
         raise ValueError(f"{source}: the raw tree holds every Meta-Dataset class but yields "
                          f"{counts} classes per split instead of {spec.split_counts}; classes "
                          f"not in the spec: {_shown(extra)}")
-    differ = [f"{c.name} ({len(c.items)} vs {spec.images[c.name]})" for c in classes
+    differ = [f"{c.name!r} {len(c.items)} vs {spec.images[c.name]}" for c in classes
               if c.name in spec.images and len(c.items) != spec.images[c.name]]
-    if differ:
-        log.warning("%s: %d classes hold a different number of raw images than Meta-Dataset's "
-                    "spec (found vs spec): %s", source, len(differ), _shown(differ))
-    return {"download": "partial" if missing else "full", "missing_classes": len(missing),
-            "classes_with_other_image_counts": len(differ)}
+    return merged({"download": "partial" if missing else "full",
+                   "missing_classes": len(missing),
+                   "classes_with_other_image_counts": len(differ)},
+                  partial, other_image_counts(source, "Meta-Dataset's spec", differ))
 
 
-def _warn_partial(source: str, spec: ReferenceSpec, missing: list[str]) -> None:
+def _warn_partial(source: str, spec: ReferenceSpec, missing: list[str]) -> dict:
     per_split = ", ".join(f"{split} {len(set(missing) & set(spec.names_in(split)))}"
                           f"/{spec.split_counts[split]}" for split in SPLITS)
-    log.warning("%s: partial download: %d of %d Meta-Dataset classes are missing (%s); the "
-                "present ones are converted, but class ids will not match Meta-Dataset's. "
-                "Missing: %s", source, len(missing), len(spec.class_names), per_split,
-                _shown(missing))
+    return warning(source, f"partial download: {len(missing)} of {len(spec.class_names)} "
+                           f"Meta-Dataset classes are missing ({per_split}); the present ones "
+                           "are converted, but class ids will not match Meta-Dataset's. "
+                           f"Missing: {_shown(missing)}")
 
 
 def _shown(names: Sequence[str], limit: int = 10) -> str:

@@ -23,5 +23,5 @@ EXPECTED = Expected(classes=365, images=365 * PER_CLASS, splits=(183, 91, 91))
 def convert(raw: Path | None, out: Path, *, workers: int = 1,
             settings: StorageSettings | None = None) -> ConversionReport:
     return convert_class_folders(raw, out, source="places", version=VERSION, layout=LAYOUT,
-                                 subdir=SUBDIR, expected=EXPECTED, protocol=tseng_protocol,
+                                 subdirs=(SUBDIR,), expected=EXPECTED, protocol=tseng_protocol,
                                  per_class=PER_CLASS, workers=workers, settings=settings)

@@ -23,7 +23,7 @@ import logging
 import os
 from pathlib import Path
 
-from data_prep.convert import ConversionReport, StorageSettings, write_domain
+from data_prep.convert import ConversionReport, StorageSettings, merged, warning, write_domain
 from data_prep.sources.common import LayoutError, load_image, require_raw
 from data_prep.sources.cross_domain_common import (
     Expected,
@@ -64,6 +64,16 @@ def select_species(tree: FolderTree, num_species: int, max_images: int) -> Selec
     return [(name, files[:max_images]) for name, files in ordered]
 
 
+def empty_record(root: Path, tree: FolderTree) -> dict:
+    """Species folders without an image file: never selected, and named in the report."""
+    empty = [str(root / name) for name, files in tree.classes if not files]
+    if not empty:
+        return {"empty_species_folders": 0}
+    return merged({"empty_species_folders": len(empty)},
+                  warning("plantae", f"{len(empty)} species folders hold no image file and "
+                                     f"cannot be selected: {empty[:10]}"))
+
+
 def write_lists(path: Path, root: Path, selection: Selection) -> None:
     classes = [{"name": name, "files": [f.relative_to(root).as_posix() for f in files]}
                for name, files in selection]
@@ -99,20 +109,19 @@ def convert(raw: Path | None, out: Path, *, workers: int = 1,
     out = Path(out)
     root = first_existing(require_raw(raw, "plantae", LAYOUT), ROOT_CANDIDATES, "plantae", LAYOUT)
     lists = lists_path(out)
-    extra: dict = {}
+    tree = scan_class_folders(root)  # also when the lists exist: what is unused is reported
+    extra = merged(unused_record("plantae", tree.unused), empty_record(root, tree))
     if lists.exists():
         log.info("plantae: reusing the species and file lists in %s", lists)
         selection = read_lists(lists, root)
     else:
-        tree = scan_class_folders(root)
-        extra |= unused_record("plantae", tree.unused)
         selection = select_species(tree, NUM_SPECIES, MAX_IMAGES)
         write_lists(lists, root, selection)
         log.info("plantae: wrote the species and file lists to %s", lists)
     classes, protocol = tseng_protocol(selection)
-    extra |= protocol
-    extra |= check_expected("plantae", classes, EXPECTED, full=len(selection) >= NUM_SPECIES)
-    extra |= {"lists_file": lists.name,
-              "lists_sha256": hashlib.sha256(lists.read_bytes()).hexdigest()}
+    extra = merged(extra, protocol,
+                   check_expected("plantae", classes, EXPECTED, full=len(selection) >= NUM_SPECIES),
+                   {"lists_file": lists.name,
+                    "lists_sha256": hashlib.sha256(lists.read_bytes()).hexdigest()})
     return write_domain(out, source="plantae", converter_version=VERSION, classes=classes,
                         load=load_image, settings=settings, extra_settings=extra, workers=workers)

@@ -11,7 +11,6 @@ costs one 784-byte read plus a PNG encode.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -19,10 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.convert import ConversionReport, StorageSettings
-from data_prep.sources.common import require_raw
+from data_prep.convert import ConversionReport, StorageSettings, merged, warning
 from data_prep.sources.metadataset_common import (
-    layout_error,
+    find_root,
     split_list_classes,
     write_metadataset,
 )
@@ -31,11 +29,10 @@ SOURCE = "quickdraw"
 VERSION = "1"
 NEEDS_RAW = True
 LAYOUT = """\
-quickdraw/                      <- --raw (gs://quickdraw_dataset/full/numpy_bitmap/*.npy)
+quickdraw/                      <- --raw, or its parent (gs://quickdraw_dataset/full/numpy_bitmap/*.npy)
   <class name>.npy              345 files, each an [N, 784] uint8 array of 28x28 images"""
 SIDE = 28
 
-log = logging.getLogger(__name__)
 
 
 class NpyRows(Sequence):
@@ -58,19 +55,18 @@ class NpyRows(Sequence):
 
 def convert(raw: Path | None, out: Path, *, workers: int = 1,
             settings: StorageSettings | None = None) -> ConversionReport:
-    root = require_raw(raw, SOURCE, LAYOUT)
+    root = find_root(raw, SOURCE, LAYOUT, "*.npy", ("quickdraw",))
     files = sorted(root.glob("*.npy"))
-    if not files:
-        raise layout_error(SOURCE, LAYOUT, f"no .npy files in {root}")
     others = sorted(p.name for p in root.iterdir() if p.suffix != ".npy")
+    extra = {"ignored_entries": len(others)}
     if others:
-        log.warning("%s: ignoring %d entries of %s that are not .npy files: %s", SOURCE,
-                    len(others), root, others[:10])
+        extra = merged(extra, warning(SOURCE, f"ignoring {len(others)} entries of {root} that "
+                                              f"are not .npy files: {others[:10]}"))
     found = {path.stem: NpyRows(str(path), _num_rows(path)) for path in files}
     return write_metadataset(
         out, source=SOURCE, version=VERSION, classes=split_list_classes(SOURCE, LAYOUT, found),
         load=load_row, split_source="Meta-Dataset splits/quickdraw_splits.json",
-        workers=workers, settings=settings)
+        workers=workers, settings=settings, extra=extra)
 
 
 def _num_rows(path: Path) -> int:

@@ -25,7 +25,7 @@ SOURCE = "vgg_flower"
 VERSION = "1"
 NEEDS_RAW = True
 LAYOUT = """\
-<folder>/                        <- --raw
+<folder>/                        <- --raw, or its parent
   imagelabels.mat                1-based label of each image, in file-name order
   jpg/image_00001.jpg ...        8,189 images (102flowers.tgz, unpacked)"""
 
