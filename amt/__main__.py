@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from amt.devices import pick_device
 from amt.errors import UserError
 
 COMMAND_MODULES = ("amt.train", "amt.pool", "amt.select", "amt.evaluate", "amt.report")
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None):  # before any data is read: a job without its GPU
+            pick_device(args.device)         # stops at once
         return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

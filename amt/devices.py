@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from amt.errors import UserError
+
 
 def pick_device(spec: str = "auto") -> torch.device:
     """'auto' -> a GPU if there is one, else the CPU; 'cpu'; 'cuda' (a GPU or an error);
@@ -21,12 +23,13 @@ def pick_device(spec: str = "auto") -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     if spec not in ("auto", "cuda") and not spec.startswith("cuda:"):
-        raise ValueError(f"device {spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        raise UserError(f"device {spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         if spec == "auto":
             return torch.device("cpu")
-        raise ValueError(f"device {spec!r}: CUDA is not available on this machine")
+        raise UserError(f"device {spec!r}: CUDA is not available on this machine"
+                        f"{_where()}")
     if spec.startswith("cuda:"):
         return _explicit_gpu(spec, count)
     if os.environ.get("CUDA_VISIBLE_DEVICES") or count == 1:
@@ -35,10 +38,19 @@ def pick_device(spec: str = "auto") -> torch.device:
     return torch.device(f"cuda:{max(range(count), key=free.__getitem__)}")
 
 
+def _where() -> str:
+    """Which machine lacks the GPU, when a scheduler placed the job there."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        return ""
+    node = os.environ.get("SLURMD_NODENAME", "?")
+    return f" (Slurm job {job} on node {node}: was it given a GPU? --gpus / gres)"
+
+
 def _explicit_gpu(spec: str, count: int) -> torch.device:
     index = spec.removeprefix("cuda:")
     if not index.isdigit() or int(index) >= count:
-        raise ValueError(f"device {spec!r}: expected cuda:N with N in [0, {count})")
+        raise UserError(f"device {spec!r}: expected cuda:N with N in [0, {count})")
     return torch.device(spec)
 
 

@@ -8,22 +8,22 @@ rule pretrain_backbone:
         model=f"{RESULTS}/backbones/{{backbone}}/model.pt",
         log_csv=f"{RESULTS}/backbones/{{backbone}}/train_log.csv",
         manifest=f"{RESULTS}/backbones/{{backbone}}/manifest.json",
-    conda:
-        CONDA_ENV
     log:
         f"{RESULTS}/logs/pretrain/{{backbone}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/pretrain/{{backbone}}.tsv"
     params:
+        workers=loader_workers,
         options=lambda wc: cli_options(pretrain_spec(wc.backbone), exclude=["domain"]),
         run=f"--seed {config['seed']} --device {config['device']}",
         out_dir=lambda wc, output: Path(output.model).parent,
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=scaled(4000),
+        runtime=scaled(60),
         gpu=1,
+        cpus_per_gpu=cpus_per_gpu,
     shell:
         "OMP_NUM_THREADS={threads} python -m amt pretrain --store {input.store}"
         " --arch {wildcards.backbone} {params.options} {params.run}"
-        " --out {params.out_dir} > {log} 2>&1"
+        " --workers {params.workers} --out {params.out_dir} > {log} 2>&1"

@@ -22,7 +22,23 @@ POOL_STRATEGIES = AMT.get("pool_strategies", ["separate"])
 DOMAINS = list(config["domains"])
 EVAL_SETTINGS = config["evaluate"]["settings"]
 EPISODE_KINDS = ["test", "valid"]
-CONDA_ENV = "../envs/amt.yaml"  # relative to rules/; the environment of every rule
+
+
+def scaled(base):
+    """A resource that grows with each attempt: a job retried after running out of time or memory
+    asks for twice, then three times, as much (a retried training resumes from its checkpoint)."""
+    return lambda wildcards, attempt: base * attempt
+
+
+def cpus_per_gpu(wildcards, threads):
+    """A GPU rule's CPUs, asked of Slurm per GPU (--cpus-per-gpu): its threads."""
+    return threads
+
+
+def loader_workers(wildcards, threads):
+    """Data-loading processes of a GPU rule: on a GPU the job's other CPUs load episodes; on the
+    CPU they would compete with the computation for the same cores, so none."""
+    return threads - 1 if str(config["device"]).startswith("cuda") else 0
 
 
 def convert_inputs(domain):

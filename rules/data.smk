@@ -5,8 +5,6 @@ rule fetch_builtin:
     priority: DATA_PRIORITY
     output:
         directory("resources/{source}"),
-    conda:
-        CONDA_ENV
     log:
         f"{RESULTS}/logs/fetch/{{source}}.log",
     resources:
@@ -29,8 +27,6 @@ for _domain, _spec in config["domains"].items():
         output:
             h5=domain_file(_domain),
             report=f"{domain_file(_domain)}.report.json",
-        conda:
-            CONDA_ENV
         log:
             f"{RESULTS}/logs/convert/{_domain}.log",
         benchmark:
@@ -58,8 +54,6 @@ rule inspect_domain:
         domain_file("{domain}"),
     output:
         f"{RESULTS}/data/{{domain}}.inspect.json",
-    conda:
-        CONDA_ENV
     log:
         f"{RESULTS}/logs/inspect/{{domain}}.log",
     resources:

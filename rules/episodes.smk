@@ -7,8 +7,6 @@ rule draw_episodes:
         domain_file("{domain}"),
     output:
         f"{RESULTS}/episodes/{{domain}}/{{kind}}_{{setting}}.json",
-    conda:
-        CONDA_ENV
     log:
         f"{RESULTS}/logs/episodes/{{domain}}_{{kind}}_{{setting}}.log",
     params:

@@ -19,8 +19,6 @@ rule report:
             caption="../docs/report/figures.rst",
             category="Figures",
         ),
-    conda:
-        CONDA_ENV
     log:
         f"{RESULTS}/logs/report/report.log",
     params:

@@ -12,26 +12,26 @@ rule train_baseline:
         manifest=f"{MODELS}/{{backbone}}/{{setting}}/{{method}}/manifest.json",
     wildcard_constraints:
         method="pm|lora",
-    conda:
-        CONDA_ENV
     log:
         f"{RESULTS}/logs/train/{{backbone}}_{{setting}}_{{method}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train/{{backbone}}_{{setting}}_{{method}}.tsv"
     params:
+        workers=loader_workers,
         common=lambda wc: train_options(wc.setting),
         seed=config["seed"],
         out_dir=lambda wc, output: Path(output.model).parent,
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=720,
+        mem_mb=scaled(8000),
+        runtime=scaled(720),
         gpu=1,
+        cpus_per_gpu=cpus_per_gpu,
     shell:
         "OMP_NUM_THREADS={threads} python -m amt train --method {wildcards.method}"
         " --backbone {wildcards.backbone} --backbone-checkpoint {input.backbone}"
         " --stores {input.stores} {params.common} --seed {params.seed}"
-        " --out {params.out_dir} > {log} 2>&1"
+        " --workers {params.workers} --out {params.out_dir} > {log} 2>&1"
 
 
 rule train_amt_member:
@@ -42,26 +42,26 @@ rule train_amt_member:
         model=f"{MODELS}/{{backbone}}/{{setting}}/amt_{{strategy}}/member{{member}}/model.pt",
         log_csv=f"{MODELS}/{{backbone}}/{{setting}}/amt_{{strategy}}/member{{member}}/train_log.csv",
         manifest=f"{MODELS}/{{backbone}}/{{setting}}/amt_{{strategy}}/member{{member}}/manifest.json",
-    conda:
-        CONDA_ENV
     log:
         f"{RESULTS}/logs/train/{{backbone}}_{{setting}}_amt_{{strategy}}_member{{member}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train/{{backbone}}_{{setting}}_amt_{{strategy}}_member{{member}}.tsv"
     params:
+        workers=loader_workers,
         common=lambda wc: train_options(wc.setting),
         member=lambda wc: member_options(wc.strategy, int(wc.member)),
         out_dir=lambda wc, output: Path(output.model).parent,
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=720,
+        mem_mb=scaled(8000),
+        runtime=scaled(720),
         gpu=1,
+        cpus_per_gpu=cpus_per_gpu,
     shell:
         "OMP_NUM_THREADS={threads} python -m amt train --method amt"
         " --backbone {wildcards.backbone} --backbone-checkpoint {input.backbone}"
         " --stores {input.stores} {params.common} {params.member}"
-        " --out {params.out_dir} > {log} 2>&1"
+        " --workers {params.workers} --out {params.out_dir} > {log} 2>&1"
 
 
 rule assemble_pool:
@@ -69,8 +69,6 @@ rule assemble_pool:
         lambda wc: pool_members(wc.backbone, wc.setting, wc.strategy),
     output:
         f"{MODELS}/{{backbone}}/{{setting}}/amt_{{strategy}}/pool.pt",
-    conda:
-        CONDA_ENV
     log:
         f"{RESULTS}/logs/pool/{{backbone}}_{{setting}}_{{strategy}}.log",
     resources:
