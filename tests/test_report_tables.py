@@ -219,3 +219,13 @@ def test_methods_outside_every_accuracy_table_are_noted(tmp_path: Path,
     assert "methods in no accuracy table (see the difference tables): styleadv" in index
     assert "corruption rows are shown in the corruption figures" in index
     assert "styleadv" in (tmp_path / "difference_vs_pm_bscd_dino_5w5s_clean.md").read_text()
+
+
+def test_every_method_the_report_names_exists():
+    from amt.adapt import METHODS
+    from amt.report.results import METHOD_LABELS
+    from amt.report.tables import TABLES
+
+    named = set(METHOD_LABELS) | {m for s in TABLES for m in (s.methods or ())} | \
+        {s.anchor for s in TABLES if s.anchor}
+    assert named <= set(METHODS), sorted(named - set(METHODS))

@@ -61,8 +61,7 @@ _SHOWN = 5  # offending values quoted per error
 
 METHOD_LABELS: dict[str, str] = {
     "pm": "PM", "pmf": "PMF", "lora": "LoRA", "amt": "AMT", "amt_ft": "AMT-FT",
-    "amt_no_ttm": "AMT w/o TTM", "amt_no_str": "AMT w/o STr", "amt_no_apq": "AMT w/o APQ",
-    "amt_no_apsv": "AMT w/o APSV", "amt_weight_avg": "weight average",
+    "amt_no_ttm": "AMT w/o TTM", "amt_no_str": "AMT w/o STr", "amt_weight_avg": "weight average",
     "amt_logit_avg": "logit average", "amt_single_best": "single best LoRA",
     "amt_pool_uniform": "uniform pool", "amt_pool_random": "random pool",
 }

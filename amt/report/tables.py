@@ -72,7 +72,7 @@ TABLES: tuple[TableSpec, ...] = (
     TableSpec("clean", "Clean accuracy", MAIN_METHODS, ("clean",)),
     TableSpec("adversarial", "Adversarial accuracy", MAIN_METHODS, ("adversarial",)),
     TableSpec("ablation", "Ablation of AMT's components",
-              ("amt_no_apq", "amt_no_apsv", "amt_no_ttm", "amt_no_str"), _BOTH, "conditions",
+              ("amt_no_ttm", "amt_no_str"), _BOTH, "conditions",
               anchor="amt"),
     TableSpec("merging", "Test-time merging strategies",
               ("amt_weight_avg", "amt_logit_avg", "amt_single_best"), _BOTH, "conditions",
