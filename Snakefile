@@ -2,10 +2,9 @@
 
 import os
 
-import yaml
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
-from amt.config import check, exit_on_error
+from amt.config import check, exit_on_error, load_schema
 
 min_version("9.0")
 
@@ -19,10 +18,8 @@ if not workflow.overwrite_configfiles:
 
 
 # Checked before anything is planned: a bad key or value ends the run with a short message
-# naming it; then Snakemake's own validation fills in the schema's defaults.
-with open(f"{workflow.basedir}/schemas/config.schema.yaml") as _schema:
-    exit_on_error(check, config, yaml.safe_load(_schema))
-validate(config, "schemas/config.schema.yaml")
+# naming it. The plan (amt/plan.py) then says which jobs exist and what each one gets.
+PLAN = exit_on_error(check, config, load_schema())
 
 # Many jobs read the same HDF5 stores at once; HDF5's file locks fail or hang on NFS and Lustre,
 # and readers need none (a store is written once, to a .partial file, then renamed). Every job,
@@ -34,14 +31,7 @@ include: "rules/common.smk"
 
 
 wildcard_constraints:
-    domain="|".join(DOMAINS),
-    setting="|".join(config["settings"]),
-    kind="test|valid",
-    source="|".join(sorted(FETCHED)),
-    backbone="|".join(config["backbones"]),
-    strategy="separate|uniform|random",
-    member="[0-9]+",
-    method="[a-z_]+",
+    **WILDCARDS,
 
 
 include: "rules/data.smk"
@@ -54,5 +44,5 @@ include: "rules/report.smk"
 
 rule all:
     input:
-        all_targets(),
+        PLAN.targets(),
     default_target: True

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from amt.registry import KL_DIRECTIONS, NORMS
+
 LossFn = Callable[[Tensor], Tensor]  # images [n, ...] -> per-example loss [n]
-NORMS = ("linf", "l2")
-KL_DIRECTIONS = ("adv_clean", "clean_adv")
 
 
 def pgd(loss_fn: LossFn, x: Tensor, eps: float, alpha: float, steps: int, norm: str = "linf",

@@ -11,7 +11,6 @@ of the requested image size.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,8 @@ from timm.layers import PatchEmbed, freeze_batch_norm_2d, resample_abs_pos_embed
 from torch import Tensor, nn
 
 from amt.checkpoints import CheckpointError, is_model_file, load_file
+from amt.registry import BackboneEntry, backbone_entry
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _SHOWN = 5  # keys listed in an error message
 
 StateDict = dict[str, Tensor]
@@ -166,51 +164,19 @@ def _fold(conv: nn.Conv2d, norm: nn.Module) -> None:
     norm.running_var.fill_(1.0 - norm.eps)  # (var + eps)^-1/2 == 1
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    arch: str  # timm model name, built with pretrained=False
-    remap: Callable[[Any, Path], StateDict]  # checkpoint object -> timm state dict
-    published: str  # where the official file is (for error messages; nothing is downloaded)
-    image_size: int  # the default input size
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-
-_VITS16 = "vit_small_patch16_224"  # embed 384, depth 12, 6 heads, qkv bias, LayerNorm eps 1e-6
-_OWN = "produced by `python -m amt pretrain`"
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "dino_vits16": BackboneSpec(
-        _VITS16, remap_dino, image_size=128, published="https://dl.fbaipublicfiles.com/dino/"
-        "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"),
-    "ibot_vits16": BackboneSpec(
-        _VITS16, remap_ibot, image_size=128, published="https://lf3-nlp-opensource.bytetos.com/"
-        "obj/nlp-opensource/archive/2022/ibot/vits_16/checkpoint_teacher.pth"),
-    "deit_vits16": BackboneSpec(
-        _VITS16, remap_deit, image_size=128,
-        published="https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth"),
-    # The built-in default: 4 blocks of width 128 (4 heads) on a convolutional stem that turns
-    # 32-px images into a 4x4 grid of tokens, and global average pooling (a CLS token learns
-    # 2x slower from scratch). ~700 images/s forward-backward on 2 CPU cores, so supervised
-    # pretraining on the glyphs' 879 train classes takes about two minutes.
-    "small_vit": BackboneSpec(
-        "vit_tiny_patch16_224", remap_dino, image_size=32, published=_OWN,
-        kwargs={"depth": 4, "embed_dim": 128, "num_heads": 4, "patch_size": 8,
-                "embed_layer": ConvStem, "global_pool": "avg"},
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    # Tests and smoke runs only: two blocks of width 32 on 32 px images.
-    "tiny_vit": BackboneSpec(
-        "test_vit", remap_dino, image_size=32, published=_OWN,
-        kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+# Checkpoint family (registry.BackboneEntry.family) -> the function reading its files' layout.
+REMAPS: dict[str, Callable[[Any, Path], StateDict]] = {
+    "dino": remap_dino, "ibot": remap_ibot, "deit": remap_deit,
+    "own": remap_dino,  # our model files hold timm's keys, flat
 }
+EMBED_LAYERS: dict[str, type[nn.Module]] = {"conv_stem": ConvStem}
 
 
-def get_spec(name: str) -> BackboneSpec:
-    if name not in BACKBONES:
-        raise ValueError(f"backbone {name!r}: expected one of {sorted(BACKBONES)}")
-    return BACKBONES[name]
+def _timm_kwargs(entry: BackboneEntry) -> dict[str, Any]:
+    kwargs = dict(entry.kwargs)
+    if "embed_layer" in kwargs:
+        kwargs["embed_layer"] = EMBED_LAYERS[kwargs["embed_layer"]]
+    return kwargs
 
 
 class Backbone(nn.Module):
@@ -237,26 +203,26 @@ def build_backbone(name: str, checkpoint: Path | None, image_size: int,
     of that family, or our own ``model.pt`` holding a full backbone); None -> random weights.
     ``frozen_norms``: BatchNorms (the built-in stem's) use their stored statistics in train mode
     too; only supervised pretraining trains them."""
-    spec = get_spec(name)
+    entry = backbone_entry(name)
     if image_size < 1:
         raise ValueError(f"image_size={image_size}: expected a positive int")
     state = None if checkpoint is None else read_backbone_state(name, Path(checkpoint))
-    vit = timm.create_model(spec.arch, pretrained=False, num_classes=0, img_size=image_size,
-                            **spec.kwargs)
+    vit = timm.create_model(entry.arch, pretrained=False, num_classes=0, img_size=image_size,
+                            **_timm_kwargs(entry))
     if frozen_norms:
         vit = freeze_batch_norm_2d(vit)
     if state is not None:
         _load_into(vit, _fit_pos_embed(state, vit, Path(checkpoint)), Path(checkpoint))
-    return Backbone(vit, spec.mean, spec.std)
+    return Backbone(vit, entry.mean, entry.std)
 
 
 def read_backbone_state(name: str, path: Path) -> StateDict:
     """The timm state dict held by ``path``: an official file (through the family's remap) or
     one of our model files with a full backbone (pretrain, pm)."""
-    spec = get_spec(name)
-    obj = load_file(path, published=spec.published)
+    entry = backbone_entry(name)
+    obj = load_file(path, published=entry.published)
     if not is_model_file(obj):
-        return spec.remap(obj, path)
+        return REMAPS[entry.family](obj, path)
     if "backbone_state" not in obj:
         recorded = obj.get("backbone_checkpoint")
         raise CheckpointError(f"{path}: a {obj.get('method')!r} model file holds adapters only; "

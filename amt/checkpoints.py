@@ -33,10 +33,21 @@ from data_prep.files import fsync_file
 CHECKPOINT_FORMAT = "amt-checkpoint"
 MODEL_FORMAT = "amt-model"
 FORMAT_VERSION = 1
+# The files a training run leaves in its folder.
+CHECKPOINT, MODEL, LOG, MANIFEST = "checkpoint.pt", "model.pt", "train_log.csv", "manifest.json"
 
 
 class CheckpointError(UserError):
     """A checkpoint or model file is missing, unsafe, unreadable or of another format."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a bad episode); the last checkpoint is kept."""
+
+
+def cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict's tensors detached and on the CPU, as model files store them."""
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def save_atomic(obj: Any, path: Path) -> None:

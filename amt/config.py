@@ -11,8 +11,14 @@ from pathlib import Path
 
 import jsonschema
 import numpy as np
+import yaml
 
-from data_prep.sources import FETCHED, SELF_CONTAINED, source_module
+from amt import registry
+from amt.episodes import FixedSampler, sampler_from_setting
+from amt.plan import DEFAULT_STRATEGIES, Plan, path
+from amt.registry import METHODS, backbone_entry, parse_budget
+from amt.specs import CorruptionSpec, SanitySpec, build, grid_points, parse_attacks
+from data_prep.sources import FETCHED, SELF_CONTAINED, SOURCES, source_module
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET_DOCS = ("docs/datasets.md", "docs/datasets_cross_domain.md")
@@ -23,15 +29,53 @@ class ConfigError(ValueError):
     an input that is missing."""
 
 
-def exit_on_error(check: Callable[..., None], *args: object) -> None:
-    """Run a check at workflow start; a ConfigError ends Snakemake with its message only."""
+def exit_on_error(check: Callable[..., object], *args: object) -> object:
+    """Run a check at workflow start and return its result; a ConfigError ends Snakemake with
+    its message only."""
     try:
-        check(*args)
+        return check(*args)
     except ConfigError as err:
         sys.exit(f"Configuration error:\n{err}")
 
 
 # -- schema ---------------------------------------------------------------------------------------
+SCHEMA = ROOT / "schemas" / "config.schema.yaml"
+# The schema's `x-registry: NAME` nodes take their enum from here, so that no name is written
+# twice (a new method is a registry entry, not also a schema edit).
+REGISTRY_ENUMS: dict[str, list] = {
+    "methods": list(registry.METHODS),
+    "tuned_methods": [m for m, entry in registry.METHODS.items() if entry.tuned],
+    "trained": list(registry.TRAINED),
+    "pool_strategies": list(registry.POOL_STRATEGIES),
+    "attacks": list(registry.ATTACKS),
+    "norms": list(registry.NORMS),
+    "corruptions": list(registry.CORRUPTIONS),
+    "severities": list(registry.SEVERITIES),
+    "str_layers": [name for name in registry.STR_LAYERS if name != "none"],
+    "kl_directions": list(registry.KL_DIRECTIONS),
+    "backbones": list(registry.BACKBONES),
+    "sources": list(SOURCES),
+}
+
+
+def load_schema(path: Path = SCHEMA) -> dict:
+    """The config schema with every ``x-registry`` node's enum filled in from the registry."""
+    schema = yaml.safe_load(Path(path).read_text())
+
+    def fill(node: object) -> None:
+        if isinstance(node, dict):
+            if "x-registry" in node:
+                node["enum"] = REGISTRY_ENUMS[node["x-registry"]]
+            for value in node.values():
+                fill(value)
+        elif isinstance(node, list):
+            for value in node:
+                fill(value)
+
+    fill(schema)
+    return schema
+
+
 def validate_schema(config: dict, schema: dict) -> None:
     """Raise ConfigError with one line per problem: the key path, the bad value, what is allowed.
     A config missing required top-level keys is most likely an overlay given as --configfile."""
@@ -87,15 +131,16 @@ def _check_names(kind: str, key: str, names: list[str], allowed: list[str]) -> N
                           f"allowed: {sorted(allowed)}")
 
 
-def check(config: dict, schema: dict) -> None:
-    """Everything a job would reject about ``config`` itself (not its input files)."""
+def check(config: dict, schema: dict) -> Plan:
+    """Everything a job would reject about ``config`` itself (not its input files); returns
+    the plan, every job's spec built and checked."""
     validate_schema(config, schema)
     check_config(config)
+    return _plan_with_specs(config)
 
 
 def check_config(config: dict) -> None:
-    """Raise ConfigError naming the key and the allowed values for any dangling reference, and
-    anything the jobs' parsers would reject."""
+    """Raise ConfigError naming the key and the allowed values for any dangling reference."""
     domains = config["domains"]
     for name, spec in domains.items():
         builtin = spec["source"] in FETCHED | SELF_CONTAINED
@@ -114,32 +159,40 @@ def check_config(config: dict) -> None:
     _check_names("settings", "evaluate.settings", config["evaluate"]["settings"], settings)
     _check_names("evaluated methods", "evaluate.references",
                  config["evaluate"].get("references", []), config["evaluate"]["methods"])
+    _check_names("settings", "evaluate.settings (models are trained for train.settings)",
+                 config["evaluate"]["settings"], train["settings"])
     _check_grids(config["evaluate"])
-    _check_pools(config["evaluate"], train)
-    _parse_like_the_jobs(config)
+    _check_trained(config["evaluate"], train)
+    _parse_values(config)
 
 
-def _parse_like_the_jobs(config: dict) -> None:
-    """Run the parsers of the episodes, train, select and evaluate commands on the values the
-    workflow will pass them, so that what a job would reject stops the run before planning."""
-    from amt.episodes import sampler_from_setting
-    from amt.evaluate import budget, parse_attacks, parse_corruptions, parse_sanity
-    from amt.select import grid_points
-
+def _parse_values(config: dict) -> None:
+    """The jobs' own parsers on each value as the config writes it, so that a message names
+    the config key."""
     evaluate = config["evaluate"]
     try:
         for name, setting in config["settings"].items():
             _with_key(f"settings.{name}", sampler_from_setting, setting)
         for i, value in enumerate(config["train"].get("amt", {}).get("budgets", [])):
-            budget(value, f"train.amt.budgets[{i}]")
+            parse_budget(value, f"train.amt.budgets[{i}]")
         parse_attacks(evaluate.get("attacks", []), "evaluate.attacks")
-        if "corruptions" in evaluate:
-            parse_corruptions(evaluate["corruptions"], "evaluate.corruptions")
-        parse_sanity(evaluate.get("sanity", {}), "evaluate.sanity")
+        build(CorruptionSpec, evaluate.get("corruptions", {}), "evaluate.corruptions")
+        build(SanitySpec, evaluate.get("sanity", {}), "evaluate.sanity")
         for method, grid in evaluate.get("grids", {}).items():
             grid_points(grid, method, f"evaluate.grids.{method}")
     except ValueError as err:
         raise ConfigError(f"config key {err}") from None
+
+
+def _plan_with_specs(config: dict) -> Plan:
+    """The plan, after building every job's spec: what the config's keys could not say (a
+    training key a run rejects, say) is named with the job."""
+    plan = Plan(config)
+    try:
+        plan.specs()
+    except ValueError as err:
+        raise ConfigError(f"a job's spec: {err}") from None
+    return plan
 
 
 def _with_key(key: str, parse: Callable[[object], object], value: object) -> None:
@@ -149,29 +202,33 @@ def _with_key(key: str, parse: Callable[[object], object], value: object) -> Non
         raise ValueError(f"{key}: {err}") from None
 
 
-def _check_pools(evaluate: dict, train: dict) -> None:
-    """amt_pool_<strategy> evaluates the pool of that strategy, which training must build."""
-    from amt.adapt import POOL_STRATEGY_METHODS
-
-    trained = train.get("amt", {}).get("pool_strategies", ["separate"])
+def _check_trained(evaluate: dict, train: dict) -> None:
+    """Each evaluated method reads a trained artefact that training must build: its trained
+    method, and for a pool method the pool of its strategy."""
+    strategies = train.get("amt", {}).get("pool_strategies", list(DEFAULT_STRATEGIES))
     for method in evaluate["methods"]:
-        strategy = POOL_STRATEGY_METHODS.get(method)
-        if strategy and strategy not in trained:
-            raise ConfigError(f"config key evaluate.methods: {method} needs the {strategy!r} "
-                              f"pool; add it to train.amt.pool_strategies (now {trained})")
+        entry = METHODS[method]
+        if entry.trained not in train["methods"]:
+            raise ConfigError(f"config key evaluate.methods: {method} reads the "
+                              f"{entry.trained!r} models; add it to train.methods (now "
+                              f"{train['methods']})")
+        if entry.pooled and entry.strategy not in strategies:
+            raise ConfigError(f"config key evaluate.methods: {method} needs the "
+                              f"{entry.strategy!r} pool; add it to train.amt.pool_strategies "
+                              f"(now {strategies})")
 
 
 def _check_grids(evaluate: dict) -> None:
     """Every evaluated method with test-time hyperparameters needs a grid to select them."""
-    from amt.adapt import TUNED  # torch-heavy: only imported when a config is checked
-
     grids = evaluate.get("grids", {})
-    _check_names("methods", "evaluate.grids", list(grids), list(TUNED))
+    _check_names("methods with test-time hyperparameters", "evaluate.grids", list(grids),
+                 [m for m, entry in METHODS.items() if entry.tuned])
     for method in evaluate["methods"]:
-        if TUNED[method] and method not in grids:
+        tuned = METHODS[method].tuned
+        if tuned and method not in grids:
             raise ConfigError(f"config key evaluate.grids.{method}: {method} has test-time "
-                              f"hyperparameters {list(TUNED[method])}; give a grid to select "
-                              "them on the validation episodes")
+                              f"hyperparameters {list(tuned)}; give a grid to select them on "
+                              "the validation episodes")
 
 
 # -- episode sizes --------------------------------------------------------------------------------
@@ -207,13 +264,12 @@ def _class_sizes(source: str, store: Path):
         return None
 
 
-def check_episode_sizes(config: dict, store_of: Callable[[str], str]) -> None:
+def check_episode_sizes(plan: Plan) -> None:
     """Every fixed setting needs `ways` classes with shots + queries images in the split its
     episodes come from: test for the evaluated targets (validation episodes fall back to it),
     train for the training sources. Checked with the sampler's own check where the class sizes
     are known; other domains fail when their episodes are drawn."""
-    from amt.episodes import FixedSampler, sampler_from_setting
-
+    config = plan.config
     uses = [(d, s, "test") for d in config["evaluate"]["targets"]
             for s in config["evaluate"]["settings"]]
     uses += [(d, s, "train") for d in config["train"]["sources"]
@@ -225,7 +281,7 @@ def check_episode_sizes(config: dict, store_of: Callable[[str], str]) -> None:
             continue
         if domain not in known:
             known[domain] = _class_sizes(config["domains"][domain]["source"],
-                                         Path(store_of(domain)))
+                                         Path(path("store", domain=domain)))
         if known[domain] is None:
             continue
         try:
@@ -237,26 +293,25 @@ def check_episode_sizes(config: dict, store_of: Callable[[str], str]) -> None:
 
 
 # -- input files ----------------------------------------------------------------------------------
-def check_inputs(config: dict, store_of: Callable[[str], str],
-                 models_of: Callable[[str], list[str]]) -> None:
+def check_inputs(plan: Plan) -> None:
     """One error listing every user-supplied input that is missing where a job needs it: raw
     folders of domains not yet converted, their split and checksum files, and the official
     checkpoints of backbones with models still to train."""
-    missing = []
+    config, missing = plan.config, []
     for name, spec in config["domains"].items():
-        if Path(store_of(name)).exists():
+        if Path(path("store", domain=name)).exists():
             continue
         if "raw" in spec and not Path(spec["raw"]).exists():
             missing.append(_raw_entry(name, spec))
-        for key, path in (("checksums", spec.get("checksums")),
+        for key, file in (("checksums", spec.get("checksums")),
                           ("options.split_file", spec.get("options", {}).get("split_file"))):
-            if path and not Path(path).exists():
-                missing.append(f"domains.{name}.{key}: {path} does not exist")
+            if file and not Path(file).exists():
+                missing.append(f"domains.{name}.{key}: {file} does not exist")
     for name in config["train"]["backbones"]:
-        path = config["backbones"][name].get("checkpoint")
-        trained = all(Path(model).exists() for model in models_of(name))
-        if path and not Path(path).exists() and not trained:
-            missing.append(_checkpoint_entry(name, path))
+        file = config["backbones"][name].get("checkpoint")
+        trained = all(Path(model).exists() for model in plan.backbone_models(name))
+        if file and not Path(file).exists() and not trained:
+            missing.append(_checkpoint_entry(name, file))
     if missing:
         raise ConfigError(f"{len(missing)} inputs are missing; nothing was planned or run. "
                           "Put them in place or change the paths in the config:\n\n"
@@ -273,10 +328,8 @@ def _raw_entry(domain: str, spec: dict) -> str:
 
 
 def _checkpoint_entry(backbone: str, path: str) -> str:
-    from amt.backbones import BACKBONES
-
     return (f"backbones.{backbone}.checkpoint: {path} does not exist\n"
-            f"  official file: {BACKBONES[backbone].published}")
+            f"  official file: {backbone_entry(backbone).published}")
 
 
 def published_download(source: str) -> str | None:
@@ -304,14 +357,3 @@ def _download_paragraph(lines: list[str], doc: str, source: str) -> str | None:
     if not text:
         return None
     return f"{' '.join(' '.join(text).split())} ({doc}, section {source})"
-
-
-# -- paths ----------------------------------------------------------------------------------------
-def raw_folder(config: dict, domain: str) -> str | None:
-    """The raw folder a domain converts from: configured, fetched into resources/, or none."""
-    spec = config["domains"][domain]
-    if "raw" in spec:
-        return spec["raw"]
-    if spec["source"] in FETCHED:
-        return f"resources/{spec['source']}"
-    return None

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from amt.registry import SEVERITIES
+
 BLUR_SCALE = 128 / 224
-SEVERITIES = (1, 2, 3, 4, 5)
 
 GAUSSIAN_NOISE_STD = (0.08, 0.12, 0.18, 0.26, 0.38)
 SHOT_NOISE_PHOTONS = (60.0, 25.0, 12.0, 5.0, 3.0)

@@ -1,4 +1,5 @@
-"""Where a run computes: device choice, mixed precision on it, and its peak memory."""
+"""Where a run computes: device choice, mixed precision on it, its peak memory, and seeded
+generators on it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 
 import torch
 
+from amt.episodes import episode_rng
 from amt.errors import UserError
 
 
@@ -81,3 +83,10 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def torch_generator(seed: int, *keys: int | str, device: torch.device | str = "cpu"
+                    ) -> torch.Generator:
+    """A torch generator fixed by (seed, *keys), whatever else ran before it."""
+    state = int(episode_rng(seed, *keys).integers(2**62))
+    return torch.Generator(device=device).manual_seed(state)

@@ -1,4 +1,5 @@
-"""Few-shot episodes: samplers, the stored episode file, and Datasets that load episodes.
+"""Few-shot episodes and their samplers (numpy only; the stored episode file is
+``amt.episode_files``, the Datasets that load episodes' pixels ``amt.episode_data``).
 
 An ``Episode`` names store class ids and image indices only; pixels are read and transformed when
 a Dataset item is requested. All randomness comes from ``episode_rng(seed, *keys)``: episode i of
@@ -10,45 +11,17 @@ Samplers:
 - ``VariableSampler``: Meta-Dataset's variable-way variable-shot episodes (google-research/
   meta-dataset, ``data/sampling.py``, ``EpisodeDescriptionSampler`` with the gin defaults), using
   the store's hierarchy like Meta-Dataset does for Omniglot (two_level) and ImageNet (dag).
-
-Episode file (``save_episodes``/``load_episodes``), JSON, one episode per line::
-
-    {"format": "amt-episodes", "format_version": 1,
-     "meta": {"domain", "split", "setting", "seed", "count",
-              "num_images", "num_classes", "class_sizes_crc32", ...},
-     "episodes": [
-      {"classes": [c0, c1, ...], "support": [[images of c0], ...], "query": [[images of c0], ...]},
-      ...]}
-
-Label k is ``classes[k]``; image indices are global indices into the domain store.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import zlib
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-from amt.errors import UserError
-from amt.transforms import Transform
 from data_prep.store import DomainStore, Hierarchy
-
-EPISODE_FORMAT = "amt-episodes"
-EPISODE_FORMAT_VERSION = 1
-REQUIRED_META = ("domain", "split", "setting", "seed", "count",
-                 "num_images", "num_classes", "class_sizes_crc32")
-_FINGERPRINT = ("num_images", "num_classes", "class_sizes_crc32")
-
-
-class EpisodeFileError(UserError):
-    """An episode file is missing, malformed, or does not belong to the store it is used with."""
 
 
 # -- determinism ----------------------------------------------------------------------------------
@@ -65,7 +38,7 @@ def episode_rng(seed: int, *keys: int | str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([_entropy(k) for k in (seed, *keys)]))
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
+def check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
     return int(value)
@@ -183,7 +156,7 @@ class FixedSampler:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            _check_int(f.name, getattr(self, f.name), 1)
+            check_int(f.name, getattr(self, f.name), 1)
 
     def setting(self) -> dict:
         return {"ways": self.ways, "shots": self.shots, "queries": self.queries}
@@ -227,12 +200,12 @@ class VariableSampler:
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_int("min_ways", self.min_ways, 1)
-        _check_int("max_ways", self.max_ways, self.min_ways)
-        _check_int("max_support", self.max_support, self.max_ways)
-        _check_int("max_support_per_class", self.max_support_per_class, 1)
-        _check_int("max_queries", self.max_queries, 1)
-        _check_int("max_spanning_leaves", self.max_spanning_leaves, self.min_ways)
+        check_int("min_ways", self.min_ways, 1)
+        check_int("max_ways", self.max_ways, self.min_ways)
+        check_int("max_support", self.max_support, self.max_ways)
+        check_int("max_support_per_class", self.max_support_per_class, 1)
+        check_int("max_queries", self.max_queries, 1)
+        check_int("max_spanning_leaves", self.max_spanning_leaves, self.min_ways)
         weights = (self.min_log_weight, self.max_log_weight)
         if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights) \
                 or weights[0] > weights[1]:
@@ -401,210 +374,10 @@ def sampler_from_setting(setting: dict) -> Sampler:
     return FixedSampler(**arguments)
 
 
-# -- drawing and storing --------------------------------------------------------------------------
+
 def draw_episodes(store: DomainStore, split: str, sampler: Sampler, count: int, seed: int
                   ) -> list[Episode]:
     """``count`` episodes; episode i is drawn with ``episode_rng(seed, i)``."""
-    _check_int("count", count, 0)
+    check_int("count", count, 0)
     sampler.check(store, split)
     return [sampler.sample(store, split, episode_rng(seed, i)) for i in range(count)]
-
-
-def store_fingerprint(store: DomainStore) -> dict:
-    """Counts and a CRC of the class sizes: enough to notice a re-converted store."""
-    sizes = np.ascontiguousarray(store.class_sizes, dtype="<i8")
-    return {"num_images": store.num_images, "num_classes": store.num_classes,
-            "class_sizes_crc32": zlib.crc32(sizes.tobytes())}
-
-
-def episode_meta(store: DomainStore, *, domain: str, split: str, sampler: Sampler, seed: int,
-                 count: int) -> dict:
-    """The meta block of an episode file drawn with these arguments."""
-    return {"domain": domain, "split": split, "setting": sampler.setting(), "seed": seed,
-            "count": count, **store_fingerprint(store)}
-
-
-def check_episodes_match(store: DomainStore, meta: dict) -> None:
-    """Raise if an episode file's meta was drawn from a store other than ``store``."""
-    current = store_fingerprint(store)
-    differing = {k: (meta.get(k), current[k]) for k in _FINGERPRINT if meta.get(k) != current[k]}
-    if differing:
-        details = ", ".join(f"{k} {old} vs {new}" for k, (old, new) in differing.items())
-        raise EpisodeFileError(f"episodes of {meta.get('domain')!r} were drawn from another "
-                               f"version of {store.path} ({details}); draw them again")
-
-
-def check_episodes_fit(store: DomainStore, episodes: list[Episode], meta: dict, path: Path,
-                       setting_name: str | None = None) -> None:
-    """Raise unless every episode's classes are classes of the recorded split of ``store`` and
-    each image belongs to its label's class, and (given ``setting_name``) the file was drawn
-    for that setting."""
-    recorded = meta.get("setting_name")
-    if setting_name is not None and recorded != setting_name:
-        raise EpisodeFileError(f"{path}: drawn for setting {recorded!r} ({meta['setting']}), "
-                               f"but the job is for setting {setting_name!r}")
-    split = meta["split"]
-    allowed = set(store.classes_in_split(split).tolist())
-    for i, episode in enumerate(episodes):
-        outside = [int(c) for c in episode.classes if int(c) not in allowed]
-        if outside:
-            raise EpisodeFileError(f"{path}: episode {i}: class {outside[0]} is not a class of "
-                                   f"the {split!r} split of {store.path}")
-        for part in ("support", "query"):
-            for c, images in zip(episode.classes, episode.groups(part), strict=True):
-                start = int(store.class_offsets[c])
-                stray = images[(images < start) | (images >= start + store.class_sizes[c])]
-                if len(stray):
-                    raise EpisodeFileError(
-                        f"{path}: episode {i}: {part} image {int(stray[0])} is listed under "
-                        f"class {int(c)}, whose images are {start}..."
-                        f"{start + int(store.class_sizes[c]) - 1} in {store.path}")
-
-
-def save_episodes(path: str | os.PathLike, episodes: list[Episode], meta: dict) -> None:
-    """Write the episode file atomically (temp file + rename)."""
-    path = Path(path)
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise ValueError(f"{path}: meta lacks {missing}")
-    if meta["count"] != len(episodes):
-        raise ValueError(f"{path}: meta count {meta['count']} but {len(episodes)} episodes")
-    lines = [json.dumps({"classes": e.classes.tolist(),
-                         "support": [g.tolist() for g in e.groups("support")],
-                         "query": [g.tolist() for g in e.groups("query")]},
-                        separators=(",", ":")) for e in episodes]
-    head = json.dumps({"format": EPISODE_FORMAT, "format_version": EPISODE_FORMAT_VERSION,
-                       "meta": meta}, indent=1, sort_keys=True)
-    text = head[:-2] + ',\n "episodes": [\n' + ",\n".join(lines) + "\n]}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
-def load_episodes(path: str | os.PathLike) -> tuple[list[Episode], dict]:
-    """Read and validate an episode file; every problem raises EpisodeFileError naming it."""
-    path = Path(path)
-    try:
-        document = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise EpisodeFileError(f"{path}: not a readable JSON episode file: {err}") from err
-    meta = _checked_header(path, document)
-    episodes = []
-    for i, record in enumerate(document["episodes"]):
-        try:
-            episodes.append(_episode_from_record(record))
-        except ValueError as err:
-            raise EpisodeFileError(f"{path}: episode {i}: {err}") from err
-    return episodes, meta
-
-
-def _checked_header(path: Path, document: object) -> dict:
-    if not isinstance(document, dict) or document.get("format") != EPISODE_FORMAT:
-        raise EpisodeFileError(f"{path}: not an {EPISODE_FORMAT!r} file")
-    if document.get("format_version") != EPISODE_FORMAT_VERSION:
-        raise EpisodeFileError(f"{path}: format version {document.get('format_version')!r}, "
-                               f"expected {EPISODE_FORMAT_VERSION}; draw the episodes again")
-    meta, episodes = document.get("meta"), document.get("episodes")
-    if not isinstance(meta, dict) or any(k not in meta for k in REQUIRED_META):
-        raise EpisodeFileError(f"{path}: meta must be a mapping with keys {REQUIRED_META}")
-    if not isinstance(episodes, list) or meta["count"] != len(episodes):
-        raise EpisodeFileError(f"{path}: meta count {meta['count']!r} but "
-                               f"{len(episodes) if isinstance(episodes, list) else 'no'} episodes")
-    return meta
-
-
-def _episode_from_record(record: object) -> Episode:
-    if not isinstance(record, dict) or set(record) != {"classes", "support", "query"}:
-        raise ValueError("expected an object with exactly 'classes', 'support', 'query'")
-    classes = _int_list(record["classes"], "classes")
-    groups = {}
-    for part in ("support", "query"):
-        value = record[part]
-        if not isinstance(value, list):
-            raise ValueError(f"{part}: expected a list of per-class lists")
-        groups[part] = [_int_list(g, part) for g in value]
-    return Episode.from_groups(classes, groups["support"], groups["query"])
-
-
-def _int_list(value: object, what: str) -> list[int]:
-    if not isinstance(value, list) or not value or \
-            not all(type(v) is int and v >= 0 for v in value):
-        raise ValueError(f"{what}: expected a non-empty list of non-negative ints, got "
-                         f"{str(value)[:60]}")
-    return value
-
-
-# -- datasets -------------------------------------------------------------------------------------
-def load_episode(store: DomainStore, episode: Episode, transform: Transform, seed: int,
-                 index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Read and transform an episode's images: ``(xs, ys, xq, yq)``.
-
-    Image p (support first, then query) is transformed with ``episode_rng(seed, index, p)``.
-    Stacked with numpy: torch.stack splits the copy over intra-op threads, which stalls (seen:
-    50x slower) when other processes hold the cores.
-    """
-    def images(indices: np.ndarray, start: int) -> torch.Tensor:
-        return torch.from_numpy(np.stack([
-            transform(store.read(int(j)), episode_rng(seed, index, start + p)).numpy()
-            for p, j in enumerate(indices)]))
-
-    xs = images(episode.support, 0)
-    xq = images(episode.query, len(episode.support))
-    return xs, torch.tensor(episode.support_labels), xq, torch.tensor(episode.query_labels)
-
-
-class EpisodeDataset(Dataset):
-    """Stored episodes of one store; item i -> ``(xs, ys, xq, yq)``."""
-
-    def __init__(self, store: DomainStore, episodes: list[Episode], transform: Transform,
-                 seed: int) -> None:
-        self.store, self.episodes, self.transform = store, list(episodes), transform
-        self.seed = _check_int("seed", seed, 0)
-        top = max((int(max(e.support.max(), e.query.max())) for e in self.episodes), default=-1)
-        if top >= store.num_images:
-            raise ValueError(f"{store.path}: episodes name image {top} but the store has "
-                             f"{store.num_images}; were they drawn from another store?")
-
-    def __len__(self) -> int:
-        return len(self.episodes)
-
-    def __getitem__(self, index: int):
-        if not 0 <= index < len(self.episodes):
-            raise IndexError(f"episode {index} outside [0, {len(self.episodes)})")
-        return load_episode(self.store, self.episodes[index], self.transform, self.seed, index)
-
-
-class SampledEpisodeDataset(Dataset):
-    """``length`` episodes sampled on demand (meta-training); item i -> ``(xs, ys, xq, yq)``.
-
-    Episode i uses ``episode_rng(seed, i)``: with several stores it first picks one uniformly
-    (Meta-Dataset's multi-source rule), then samples the episode from it. With one store the
-    episodes equal ``draw_episodes(store, split, sampler, length, seed)``.
-    """
-
-    def __init__(self, stores: list[DomainStore], split: str, sampler: Sampler,
-                 transform: Transform, seed: int, length: int) -> None:
-        if not stores:
-            raise ValueError("SampledEpisodeDataset needs at least one store")
-        self.stores, self.split, self.sampler = list(stores), split, sampler
-        self.transform = transform
-        self.seed = _check_int("seed", seed, 0)
-        self.length = _check_int("length", length, 1)
-        for store in self.stores:  # fail here, not later inside a worker
-            sampler.check(store, split)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def episode(self, index: int) -> tuple[int, Episode]:
-        """Which store (its position in ``stores``) and episode item ``index`` uses."""
-        if not 0 <= index < self.length:
-            raise IndexError(f"episode {index} outside [0, {self.length})")
-        rng = episode_rng(self.seed, index)
-        source = int(rng.integers(len(self.stores))) if len(self.stores) > 1 else 0
-        return source, self.sampler.sample(self.stores[source], self.split, rng)
-
-    def __getitem__(self, index: int):
-        source, episode = self.episode(index)
-        return load_episode(self.stores[source], episode, self.transform, self.seed, index)

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+from amt.registry import LORA_TARGETS
+
 FUSED_BLOCKS = {"qkv": ("q", "k", "v")}  # layer name -> output blocks with their own adapter
 
 Adapter = tuple[Tensor, Tensor]  # (A [r, in], B [out_block, r])
@@ -208,7 +209,7 @@ def adapter_parameters(model: nn.Module) -> dict[str, tuple[nn.Parameter, nn.Par
             for name, pair in zip(layer.adapter_names, layer.adapters(), strict=True)}
 
 
-def inject_lora(model: nn.Module, rank: int = 8, targets: Sequence[str] = DEFAULT_TARGETS
+def inject_lora(model: nn.Module, rank: int = 8, targets: Sequence[str] = LORA_TARGETS
                 ) -> LoRAState:
     """Freeze ``model`` and replace each nn.Linear whose name is or ends with a target by a
     LoRALinear (its residual holds W_res). Returns the initial (principal) adapters."""

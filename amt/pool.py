@@ -3,17 +3,20 @@
 All members share the SVD residual W_res of the backbone file they were trained on (the SVD is
 deterministic, see ``amt.lora``), so the pool file holds the backbone *reference* once (name,
 file, SHA-256, image size, rank, targets) and, per member, its adapters, its ProtoNet head, its
-training budget and training configuration. ``load_pool`` rebuilds W_res from the backbone file,
-whose SHA-256 must match, instead of storing it again.
+training budgets (what it actually trained with: one fixed budget, or the several it drew
+from per episode; none for plain lora or with APQ off) and training configuration.
+``load_pool`` rebuilds W_res from the backbone file, whose SHA-256 must match, instead of
+storing it again.
 
 File (``torch.save``; loads with ``weights_only=True``)::
 
     {"format": "amt-pool", "format_version": 1, "strategy": "separate",
      "backbone", "backbone_checkpoint", "backbone_sha256", "image_size", "rank", "targets",
-     "members": [{"source", "source_sha256", "method", "budget", "config",
+     "members": [{"source", "source_sha256", "method", "budgets", "config",
                   "lora": {name.A, name.B}, "head": {scale, bias}}, ...]}
 
 ``python -m amt pool --members a/model.pt b/model.pt ... --strategy separate --out pool.pt``
+(or ``--spec`` with a ``PoolConfig`` as JSON)
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ from amt.checkpoints import (
 )
 from amt.lora import LoRAState, inject_lora
 from amt.protonet import ProtoHead
+from amt.registry import POOL_STRATEGIES
+from amt.specs import PoolConfig, add_spec_argument, spec_from_args
 
 log = logging.getLogger(__name__)
 
 POOL_FORMAT = "amt-pool"
-STRATEGIES = ("separate", "uniform", "random")  # how the members' budgets were set (method.md)
 MEMBER_METHODS = ("lora", "amt")
 SHARED = ("backbone", "backbone_checkpoint", "backbone_sha256", "image_size", "rank", "targets")
 
@@ -53,7 +57,7 @@ class Pool:
     backbone: Backbone
     members: list[LoRAState]
     heads: list[ProtoHead]
-    budgets: list[float]
+    budgets: list[tuple[float, ...]]  # per member, the APQ budgets it trained with
     strategy: str
     info: dict  # the shared backbone reference (SHARED keys)
 
@@ -76,24 +80,18 @@ def _shared(obj: dict) -> dict:
     return {k: list(obj[k]) if k == "targets" else obj[k] for k in SHARED}
 
 
-def _budget(obj: dict) -> float:
-    """The APQ budget a member was trained with; 0 for plain lora or with APQ switched off."""
+def _budgets(obj: dict) -> list[float]:
+    """The APQ budgets a member trained with: one fixed budget, or the several it drew from per
+    episode; none for plain lora or with APQ switched off."""
     config = obj.get("config", {})
     adversarial = obj["method"] == "amt" and config.get("apq", True)
-    return float(config.get("budget", 0.0)) if adversarial else 0.0
+    return [float(b) for b in config.get("budgets", ())] if adversarial else []
 
 
-def assemble_pool(member_model_files: list[Path], out: Path, strategy: str) -> Path:
+def assemble_pool(config: PoolConfig) -> Path:
     """Check the members (lora/amt model files on the same backbone file, rank, targets and
-    image size) and write them as one pool file at ``out``."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"pool strategy {strategy!r}: expected one of {STRATEGIES}")
-    paths = [Path(p) for p in member_model_files]
-    if not paths:
-        raise ValueError("a pool needs at least one member model file")
-    repeated = sorted({str(p) for p in paths if paths.count(p) > 1})
-    if repeated:
-        raise ValueError(f"pool members listed more than once: {repeated}")
+    image size) and write them as one pool file at ``config.out``."""
+    paths, out, strategy = list(config.members), config.out, config.strategy
     objs = [_member(p) for p in paths]
     reference = _shared(objs[0])
     for path, obj in zip(paths[1:], objs[1:], strict=True):
@@ -104,12 +102,13 @@ def assemble_pool(member_model_files: list[Path], out: Path, strategy: str) -> P
                                   "(first value: the first member's); pool members must share "
                                   "one backbone file, rank, targets and image size")
     members = [{"source": str(p), "source_sha256": sha256(p), "method": o["method"],
-                "budget": _budget(o), "config": o.get("config", {}), "lora": o["lora"],
+                "budgets": _budgets(o), "config": o.get("config", {}), "lora": o["lora"],
                 "head": o["head"]} for p, o in zip(paths, objs, strict=True)]
     save_atomic({"format": POOL_FORMAT, "format_version": FORMAT_VERSION, "strategy": strategy,
                  **reference, "members": members}, Path(out))
     log.info("pool of %d members (budgets %s) on %s -> %s", len(members),
-             [round(m["budget"], 5) for m in members], reference["backbone"], out)
+             [[round(b, 5) for b in m["budgets"]] for m in members], reference["backbone"],
+             out)
     return Path(out)
 
 
@@ -134,21 +133,22 @@ def load_pool(path: Path, device: torch.device | str = "cpu",
         head = ProtoHead()
         head.load_state_dict(member["head"])
         heads.append(head.requires_grad_(False).to(device))
-    return Pool(backbone, members, heads, [float(m["budget"]) for m in obj["members"]],
+    return Pool(backbone, members, heads, [tuple(m["budgets"]) for m in obj["members"]],
                 obj["strategy"], {k: obj[k] for k in SHARED})
 
 
 def cmd_pool(args: argparse.Namespace) -> int:
-    assemble_pool(args.members, args.out, args.strategy)
+    assemble_pool(spec_from_args(PoolConfig, args))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``pool`` command."""
     p = subparsers.add_parser("pool", help="assemble meta-tuned adapters into one LoRA pool")
-    p.add_argument("--members", type=Path, nargs="+", required=True, metavar="MODEL_PT",
+    add_spec_argument(p, PoolConfig)
+    p.add_argument("--members", type=Path, nargs="+", metavar="MODEL_PT",
                    help="lora/amt model.pt files trained on the same backbone file")
-    p.add_argument("--strategy", choices=STRATEGIES, default="separate",
-                   help="how the members' budgets were chosen (recorded)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--strategy", help="how the members' budgets were chosen (recorded): "
+                   f"one of {list(POOL_STRATEGIES)}")
+    p.add_argument("--out", type=Path)
     p.set_defaults(func=cmd_pool)

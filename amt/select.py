@@ -6,7 +6,7 @@
 
 Grid keys: ``beta``, ``gamma``, ``top_k``, ``str`` (each value ``"none"`` or
 ``{"layers": "fc1" | "all", "ratio": rho}``) and ``lr`` (test-time fine-tuning; 0 = none); a
-method may only use the keys it has (``amt.adapt.TUNED``). amt_ft takes its merging
+method may only use the keys it has (its registry entry's ``tuned``). amt_ft takes its merging
 hyperparameters from an amt selection (``--selection``) and selects ``lr``. Every point of the
 Cartesian product (in the order given) scores the mean clean accuracy over the validation
 episodes; the best wins and ties go to the earliest point, so list the defaults first. The JSON
@@ -21,90 +21,25 @@ evaluation.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 from torch import Tensor
 
 from amt import devices
-from amt.adapt import (
-    SELECTION_FORMAT,
-    TUNED,
-    FineTuned,
-    Hyper,
-    Method,
-    PoolMethod,
-    load_method,
-    load_selection,
-)
 from amt.checkpoints import sha256, write_json_atomic
-from amt.episodes import EpisodeDataset, check_episodes_fit, check_episodes_match, load_episodes
-from amt.evaluate import episode_batches, image_sizes
-from amt.transforms import test_transform
-from data_prep.store import DomainStore
+from amt.jobs import load_episode_job
+from amt.methods import FineTuned, Method, PoolMethod
+from amt.registry import METHODS, method_entry
+from amt.selections import SELECTION_FORMAT, load_selection
+from amt.specs import Hyper, SelectConfig, add_spec_argument, grid_points, spec_from_args
 
 log = logging.getLogger(__name__)
-
-GRID_KEYS = {"beta": ("beta",), "gamma": ("gamma",), "top_k": ("top_k",),
-             "str": ("str_layers", "str_ratio"), "lr": ("lr",)}
-
-
-def _str_value(value: object, source: str) -> dict:
-    if value == "none":
-        return {"str_layers": "none", "str_ratio": 1.0}
-    if isinstance(value, dict) and set(value) == {"layers", "ratio"}:
-        return {"str_layers": value["layers"], "str_ratio": value["ratio"]}
-    raise ValueError(f"{source}: STr value {value!r}: expected \"none\" or "
-                     "{\"layers\": \"fc1\" | \"all\", \"ratio\": rho}")
-
-
-def grid_points(grid: object, method: str, source: str = "--grid") -> list[dict]:
-    """The grid's points as Hyper keyword dicts, in product order; every key must be one the
-    method uses and every value list non-empty."""
-    if not isinstance(grid, dict) or not grid:
-        raise ValueError(f"{source}: expected a non-empty JSON object of value lists")
-    unknown = sorted(set(grid) - set(GRID_KEYS))
-    unused = [k for k in grid if k in GRID_KEYS and not set(GRID_KEYS[k]) <= set(TUNED[method])]
-    if unknown or unused:
-        raise ValueError(f"{source}: keys {unknown + unused} are unknown or not used by method "
-                         f"{method}, which uses {list(TUNED[method])}")
-    axes = []
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"{source}: {key}: expected a non-empty list of values")
-        axes.append([_str_value(v, source) if key == "str" else {key: v} for v in values])
-    points = [{k: v for part in combo for k, v in part.items()}
-              for combo in itertools.product(*axes)]
-    for point in points:
-        Hyper.from_dict(point, f"{source} point {point}")  # every value checked up front
-    return points
-
-
-@dataclass
-class SelectConfig:
-    """One selection job (the ``select`` command's arguments)."""
-
-    method: str
-    model: Path
-    store: Path
-    episodes: Path
-    grid: dict
-    out: Path
-    base_selection: Path | None = None  # amt_ft: the amt selection holding the merge choices
-    backbone_checkpoint: Path | None = None
-    ft_steps: int | None = None  # None -> Hyper's default (or the base selection's)
-    seed: int = 0
-    image_size: int | None = None
-    resize: int | None = None
-    device: str = "auto"
-    workers: int = 0
-    amp: bool = True
 
 
 def _base(config: SelectConfig, points: list[dict]) -> tuple[Hyper, list[str]]:
@@ -115,7 +50,7 @@ def _base(config: SelectConfig, points: list[dict]) -> tuple[Hyper, list[str]]:
     if config.ft_steps is not None:
         base = replace(base, ft_steps=config.ft_steps)
     chosen = sorted(set(selected) | set(points[0]))
-    missing = [k for k in TUNED[config.method] if k not in chosen]
+    missing = [k for k in method_entry(config.method).tuned if k not in chosen]
     if missing:
         raise ValueError(f"method {config.method} uses {missing} but neither --grid nor "
                          f"--selection {config.base_selection} sets them (a one-value list "
@@ -132,7 +67,7 @@ def score_grid(method: Method, points: list[dict], base: Hyper,
                batches: Iterable[tuple[int, tuple[Tensor, ...]]]) -> list[list[float]]:
     """Per point, the clean accuracy on each validation episode."""
     pool = _pool_method(method)
-    scoring = pool is not None and pool.recipe.combine == "ttm"
+    scoring = pool is not None and pool.entry.combine == "ttm"
     accuracies: list[list[float]] = [[] for _ in points]
     for index, (xs, ys, xq, yq) in batches:
         scores = pool.scores(xs, ys, index) if scoring else None  # once per episode
@@ -157,17 +92,11 @@ def select(config: SelectConfig) -> dict:
     started = time.perf_counter()
     points = grid_points(config.grid, config.method)
     base, selected = _base(config, points)
-    device = devices.pick_device(config.device)
-    store = DomainStore(config.store)
-    episodes, meta = load_episodes(config.episodes)
-    check_episodes_match(store, meta)
-    check_episodes_fit(store, episodes, meta, config.episodes)
-    method = load_method(config.method, config.model, base, device, config.amp, config.seed,
-                         config.backbone_checkpoint)
-    size, resize = image_sizes(method, config.image_size, config.resize, config.model)
-    dataset = EpisodeDataset(store, episodes, test_transform(size, resize), config.seed)
-    accuracies = score_grid(method, points, base,
-                            episode_batches(dataset, config.workers, device))
+    job = load_episode_job(
+        config.method, config.model, config.store, config.episodes, base, seed=config.seed,
+        device=config.device, amp=config.amp, backbone_checkpoint=config.backbone_checkpoint,
+        image_size=config.image_size, resize=config.resize)
+    accuracies = score_grid(job.method, points, base, job.batches(config.workers))
     means = [float(np.mean(a)) for a in accuracies]
     best = int(np.argmax(means))  # the first of equal maxima
     chosen = replace(base, **points[best])
@@ -178,10 +107,11 @@ def select(config: SelectConfig) -> dict:
         "points": [{"point": p, "accuracy": m, "episode_accuracy": a}
                    for p, m, a in zip(points, means, accuracies, strict=True)],
         "episodes": str(config.episodes), "episodes_sha256": sha256(config.episodes),
-        "validation_episodes": len(episodes), "model": str(config.model),
-        "model_sha256": sha256(config.model), "base_selection": config.base_selection,
-        "seed": config.seed, "image_size": size, "resize": resize,
-        "device": devices.describe(device), "seconds": round(time.perf_counter() - started, 2)}
+        "validation_episodes": len(job.episodes), "model": str(config.model),
+        "model_sha256": sha256(config.model),
+        "base_selection": config.base_selection and str(config.base_selection),
+        "seed": config.seed, "image_size": job.image_size, "resize": job.resize,
+        "device": devices.describe(job.device), "seconds": round(time.perf_counter() - started, 2)}
     write_json_atomic(result, config.out)
     log.info("%s: chose %s (accuracy %.4f; grid range %.4f-%.4f over %d points) -> %s",
              config.method, points[best], means[best], min(means), max(means), len(points),
@@ -193,37 +123,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``select`` command."""
     p = subparsers.add_parser("select", help="per-domain hyperparameter grid search on the "
                               "validation episodes")
-    p.add_argument("--method", choices=sorted(m for m, keys in TUNED.items() if keys),
-                   required=True)
-    p.add_argument("--model", type=Path, required=True, help="pm model.pt (pmf) or pool.pt")
+    add_spec_argument(p, SelectConfig)
+    p.add_argument("--method", choices=sorted(m for m, e in METHODS.items() if e.tuned))
+    p.add_argument("--model", type=Path, help="pm model.pt (pmf) or pool.pt")
     p.add_argument("--backbone-checkpoint", type=Path, help="override the recorded backbone file")
-    p.add_argument("--store", type=Path, required=True)
-    p.add_argument("--episodes", type=Path, required=True, help="the validation episodes")
-    p.add_argument("--grid", type=_grid_json, required=True,
+    p.add_argument("--store", type=Path)
+    p.add_argument("--episodes", type=Path, help="the validation episodes")
+    p.add_argument("--grid", type=json.loads,
                    help='JSON, e.g. {"beta": [1, 2], "str": ["none", {"layers": "fc1", '
                         '"ratio": 0.5}]}')
     p.add_argument("--selection", type=Path, dest="base_selection",
                    help="amt_ft: the amt selection holding the merge hyperparameters")
     for option in ("--ft-steps", "--seed", "--image-size", "--resize", "--workers"):
         p.add_argument(option, type=int)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction)
+    p.add_argument("--out", type=Path)
     p.set_defaults(func=cmd_select)
 
 
-def _grid_json(text: str) -> dict:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"--grid: not JSON: {err}") from err
-
-
 def cmd_select(args: argparse.Namespace) -> int:
-    keys = ("base_selection", "backbone_checkpoint", "ft_steps", "seed", "image_size", "resize",
-            "workers")
-    select(SelectConfig(method=args.method, model=args.model, store=args.store,
-                        episodes=args.episodes, grid=args.grid, out=args.out,
-                        device=args.device, amp=args.amp,
-                        **{k: getattr(args, k) for k in keys if getattr(args, k) is not None}))
+    select(spec_from_args(SelectConfig, args))
     return 0

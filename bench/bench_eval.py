@@ -42,14 +42,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from amt.adapt import FrozenMethod, Hyper, Method, PoolMethod, tall_stacks, trim_
-from amt.backbones import build_backbone, get_spec
+from amt.backbones import build_backbone
 from amt.checkpoints import save_atomic
+from amt.conditions import robust_correct
 from amt.devices import describe, pick_device
-from amt.evaluate import AttackSpec, EvalConfig, Evaluation, robust_correct
+from amt.evaluate import Evaluation
 from amt.lora import LoRAState, inject_lora, trim_singular_values
+from amt.methods import FrozenMethod, Method, PoolMethod
 from amt.pool import Pool
 from amt.protonet import ProtoHead
+from amt.registry import backbone_entry
+from amt.specs import AttackSpec, EvalConfig, Hyper
+from amt.trim import tall_stacks, trim_
 
 WAYS, QUERIES, RANK = 5, 15, 8
 
@@ -87,7 +91,7 @@ def episode(image_size: int, shots: int, device: torch.device):
 
 def random_pool(name: str, members: int, device: torch.device) -> Pool:
     torch.manual_seed(0)
-    backbone = build_backbone(name, None, get_spec(name).image_size)
+    backbone = build_backbone(name, None, backbone_entry(name).image_size)
     principal = inject_lora(backbone.vit, RANK)
     states = []
     for _ in range(members):
@@ -104,7 +108,7 @@ class Reference:
 
     def __init__(self, name: str, device: torch.device, repeats: int) -> None:
         torch.manual_seed(0)
-        self.backbone = build_backbone(name, None, get_spec(name).image_size)
+        self.backbone = build_backbone(name, None, backbone_entry(name).image_size)
         self.backbone.requires_grad_(False).eval().to(device)
         self.head = ProtoHead().to(device)
         self.device, self.repeats = device, repeats
@@ -184,7 +188,7 @@ def _trim_times(method: PoolMethod, data, device: torch.device, repeats: int) ->
 def measure(name: str, shots: list[int], members: int, steps: int, device: torch.device,
             repeats: int) -> list[dict]:
     """Every shot count on one backbone: its reference, a frozen pm and an amt pool."""
-    size = get_spec(name).image_size
+    size = backbone_entry(name).image_size
     reference = Reference(name, device, repeats)
     step_work = reference.forward_backward(WAYS * QUERIES, size)
     pm = FrozenMethod(reference.backbone, reference.head, device, True, 0, name)
@@ -223,11 +227,13 @@ def _synthetic_store(folder: Path, classes: int, per_class: int, side: int) -> P
 def measure_frozen(name: str, episodes: int, device: str, workers: int, repeats: int) -> dict:
     """Evaluation.run of pm over ``episodes`` clean episodes vs one plain pass (best of
     ``repeats`` each, alternated)."""
-    from amt.episodes import FixedSampler, draw_episodes, episode_meta, save_episodes
-    from amt.train import MetaTuner, TrainConfig
+    from amt.episode_files import episode_meta, save_episodes
+    from amt.episodes import FixedSampler, draw_episodes
+    from amt.specs import TrainConfig
+    from amt.train import MetaTuner
     from data_prep.store import DomainStore
 
-    size = get_spec(name).image_size
+    size = backbone_entry(name).image_size
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         store_path = _synthetic_store(folder, 40, 20, size + size // 8)

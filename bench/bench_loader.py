@@ -27,13 +27,8 @@ import torch
 from bench_store import photo_crops  # same directory: the shared natural-image generator
 from torch.utils.data import DataLoader
 
-from amt.episodes import (
-    EpisodeDataset,
-    FixedSampler,
-    SampledEpisodeDataset,
-    draw_episodes,
-    episode_rng,
-)
+from amt.episode_data import EpisodeDataset, SampledEpisodeDataset
+from amt.episodes import FixedSampler, draw_episodes, episode_rng
 from amt.transforms import test_transform, train_transform
 from data_prep.convert import ClassSpec, StorageSettings, write_domain
 from data_prep.store import DomainStore

@@ -91,7 +91,8 @@ def measure(backbone: str, case: str, episodes: int, attack_steps: int, device: 
     import torch
 
     from amt.devices import pick_device
-    from amt.train import MetaTuner, TrainConfig
+    from amt.specs import TrainConfig
+    from amt.train import MetaTuner
 
     baseline = _rss_mib()
     torch.manual_seed(0)

@@ -3,19 +3,18 @@
 
 rule pretrain_backbone:
     input:
-        store=lambda wc: domain_file(pretrain_spec(wc.backbone)["domain"]),
+        store=lambda wc: PLAN.pretrain_store(wc.backbone),
     output:
-        model=f"{RESULTS}/backbones/{{backbone}}/model.pt",
-        log_csv=f"{RESULTS}/backbones/{{backbone}}/train_log.csv",
-        manifest=f"{RESULTS}/backbones/{{backbone}}/manifest.json",
+        model=PATHS["backbone"],
+        log_csv=PATHS["backbone_log"],
+        manifest=PATHS["backbone_manifest"],
     log:
-        f"{RESULTS}/logs/pretrain/{{backbone}}.log",
+        log("pretrain_backbone"),
     benchmark:
-        f"{RESULTS}/benchmarks/pretrain/{{backbone}}.tsv"
+        benchmark("pretrain_backbone")
     params:
+        spec=lambda wc: to_json(PLAN.pretrain_spec(wc.backbone)),
         workers=loader_workers,
-        options=lambda wc: cli_options(pretrain_spec(wc.backbone), exclude=["domain"]),
-        run=f"--seed {config['seed']} --device {config['device']}",
         out_dir=lambda wc, output: Path(output.model).parent,
     threads: 2
     resources:
@@ -24,6 +23,5 @@ rule pretrain_backbone:
         gpu=1,
         cpus_per_gpu=cpus_per_gpu,
     shell:
-        "OMP_NUM_THREADS={threads} python -m amt pretrain --store {input.store}"
-        " --arch {wildcards.backbone} {params.options} {params.run}"
-        " --workers {params.workers} --out {params.out_dir} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m amt pretrain --spec {params.spec:q}"
+        " --store {input.store} --workers {params.workers} --out {params.out_dir} > {log} 2>&1"

@@ -4,9 +4,9 @@
 rule fetch_builtin:
     priority: DATA_PRIORITY
     output:
-        directory("resources/{source}"),
+        directory(PATHS["fetched"]),
     log:
-        f"{RESULTS}/logs/fetch/{{source}}.log",
+        log("fetch_builtin"),
     resources:
         mem_mb=1000,
         runtime=10,
@@ -15,47 +15,39 @@ rule fetch_builtin:
 
 
 # One rule per configured domain, so each source keeps its own resources and appears by name.
-for _domain, _spec in config["domains"].items():
-    _raw = raw_folder(config, _domain)
+for _domain in PLAN.domains:
 
     rule:
         name:
             f"convert_{_domain}"
         priority: DATA_PRIORITY
         input:
-            convert_inputs(_domain),
+            PLAN.convert_inputs(_domain),
         output:
-            h5=domain_file(_domain),
-            report=f"{domain_file(_domain)}.report.json",
+            h5=path("store", domain=_domain),
+            report=path("conversion_report", domain=_domain),
         log:
-            f"{RESULTS}/logs/convert/{_domain}.log",
+            log("convert", domain=_domain),
         benchmark:
-            f"{RESULTS}/benchmarks/convert/{_domain}.tsv"
+            benchmark("convert", domain=_domain)
         params:
-            source=_spec["source"],
-            raw=f"--raw {_raw}" if _raw else "",
-            short_side=(
-                f"--short-side {_spec['short_side']}" if "short_side" in _spec else ""
-            ),
-            options=converter_options(_domain),
-            checksums=f"--checksums {_spec['checksums']}" if "checksums" in _spec else "",
-        threads: _spec.get("workers", config["workers"])
+            arguments=PLAN.convert_arguments(_domain),
+        threads: PLAN.convert_threads(_domain)
         resources:
             mem_mb=4000,
             runtime=60,
         shell:
-            "python -m data_prep convert {params.source} {params.raw} --out {output.h5}"
-            " --workers {threads} {params.short_side} {params.checksums} {params.options}"
-            " > {log} 2>&1"
+            "python -m data_prep convert {params.arguments} --out {output.h5}"
+            " --workers {threads} > {log} 2>&1"
 
 
 rule inspect_domain:
     input:
-        domain_file("{domain}"),
+        PATHS["store"],
     output:
-        f"{RESULTS}/data/{{domain}}.inspect.json",
+        PATHS["inspection"],
     log:
-        f"{RESULTS}/logs/inspect/{{domain}}.log",
+        log("inspect_domain"),
     resources:
         mem_mb=1000,
         runtime=10,

@@ -4,20 +4,15 @@
 rule draw_episodes:
     priority: DATA_PRIORITY
     input:
-        domain_file("{domain}"),
+        PATHS["store"],
     output:
-        f"{RESULTS}/episodes/{{domain}}/{{kind}}_{{setting}}.json",
+        PATHS["episodes"],
     log:
-        f"{RESULTS}/logs/episodes/{{domain}}_{{kind}}_{{setting}}.log",
+        log("draw_episodes"),
     params:
-        setting=setting_json,
-        n_episodes=lambda wc: config["episodes"][wc.kind]["count"],
-        seed=lambda wc: config["episodes"][wc.kind]["seed"],
+        spec=lambda wc: to_json(PLAN.episodes_spec(wc.domain, wc.kind, wc.setting)),
     resources:
         mem_mb=1000,
         runtime=10,
     shell:
-        "python -m amt episodes --store {input} --domain {wildcards.domain}"
-        " --kind {wildcards.kind} --setting-name {wildcards.setting}"
-        " --setting {params.setting:q} --count {params.n_episodes} --seed {params.seed}"
-        " --out {output} > {log} 2>&1"
+        "python -m amt episodes --spec {params.spec:q} > {log} 2>&1"

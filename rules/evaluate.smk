@@ -1,24 +1,22 @@
-"""Per-domain hyperparameter selection on the validation episodes, then clean, adversarial and
-corruption evaluation of every method on the stored test episodes."""
+"""Per-domain hyperparameter selection on the validation episodes, then evaluation of every
+(backbone, setting, target domain, method) on the stored test episodes."""
 
 
 rule select_hyperparameters:
     input:
-        model=lambda wc: eval_model(wc.backbone, wc.setting, wc.method),
-        store=domain_file("{domain}"),
-        episodes=episode_file("{domain}", "valid", "{setting}"),
-        base=lambda wc: base_selection(wc.backbone, wc.setting, wc.domain, wc.method),
+        model=lambda wc: PLAN.trained_artefact(wc.backbone, wc.setting, wc.method),
+        store=path("store"),
+        episodes=path("episodes", kind="valid"),
+        base=lambda wc: PLAN.base_selection(*evaluation(wc)) or [],
     output:
-        f"{RESULTS}/selection/{{backbone}}/{{setting}}/{{domain}}/{{method}}.json",
+        PATHS["selection"],
     log:
-        f"{RESULTS}/logs/select/{{backbone}}_{{setting}}_{{domain}}_{{method}}.log",
+        log("select_hyperparameters"),
     benchmark:
-        f"{RESULTS}/benchmarks/select/{{backbone}}_{{setting}}_{{domain}}_{{method}}.tsv"
+        benchmark("select_hyperparameters")
     params:
+        spec=lambda wc: to_json(PLAN.select_spec(*evaluation(wc))),
         workers=loader_workers,
-        grid=lambda wc: json.dumps(EVALUATE["grids"][wc.method]),
-        base=lambda wc, input: f"--selection {input.base}" if input.base else "",
-        run=f"--seed {config['seed']} --device {config['device']} {image_options()}",
     threads: 1
     resources:
         mem_mb=scaled(4000),
@@ -26,33 +24,28 @@ rule select_hyperparameters:
         gpu=1,
         cpus_per_gpu=cpus_per_gpu,
     shell:
-        "OMP_NUM_THREADS={threads} python -m amt select --method {wildcards.method}"
-        " --model {input.model} --store {input.store} --episodes {input.episodes}"
-        " --grid {params.grid:q} {params.base} {params.run} --workers {params.workers}"
-        " --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m amt select --spec {params.spec:q}"
+        " --workers {params.workers} > {log} 2>&1"
 
 
 rule evaluate:
     input:
-        model=lambda wc: eval_model(wc.backbone, wc.setting, wc.method),
-        store=domain_file("{domain}"),
-        episodes=episode_file("{domain}", "test", "{setting}"),
-        selection=lambda wc: selection_file(wc.backbone, wc.setting, wc.domain, wc.method),
+        model=lambda wc: PLAN.trained_artefact(wc.backbone, wc.setting, wc.method),
+        store=path("store"),
+        episodes=path("episodes", kind="test"),
+        selection=lambda wc: PLAN.selection(*evaluation(wc)) or [],
     output:
-        rows=f"{RESULTS}/eval/{{backbone}}/{{setting}}/{{domain}}/{{method}}.csv",
-        sanity=f"{RESULTS}/eval/{{backbone}}/{{setting}}/{{domain}}/{{method}}.sanity.json",
+        rows=PATHS["rows"],
+        sanity=PATHS["sanity"],
+    wildcard_constraints:
+        method=NOT_MERGING,
     log:
-        f"{RESULTS}/logs/evaluate/{{backbone}}_{{setting}}_{{domain}}_{{method}}.log",
+        log("evaluate"),
     benchmark:
-        f"{RESULTS}/benchmarks/evaluate/{{backbone}}_{{setting}}_{{domain}}_{{method}}.tsv"
+        benchmark("evaluate")
     params:
+        spec=lambda wc: to_json(PLAN.eval_spec(*evaluation(wc))),
         workers=loader_workers,
-        selection=lambda wc, input: f"--selection {input.selection}" if input.selection else "",
-        domain=lambda wc: domain_options(wc.domain),
-        attacks=json.dumps(EVALUATE.get("attacks", [])),
-        corruptions=json.dumps(EVALUATE.get("corruptions", {"names": [], "severities": []})),
-        sanity=json.dumps(EVALUATE.get("sanity", {})),
-        run=f"--seed {config['seed']} --device {config['device']} {image_options()}",
     threads: 1
     resources:
         mem_mb=scaled(4000),
@@ -60,9 +53,15 @@ rule evaluate:
         gpu=1,
         cpus_per_gpu=cpus_per_gpu,
     shell:
-        "OMP_NUM_THREADS={threads} python -m amt evaluate --method {wildcards.method}"
-        " --model {input.model} --store {input.store} --episodes {input.episodes}"
-        " {params.selection} {params.domain} --setting-name {wildcards.setting}"
-        " --attacks {params.attacks:q} --corruptions {params.corruptions:q}"
-        " --sanity {params.sanity:q} {params.run} --workers {params.workers}"
-        " --out {output.rows} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m amt evaluate --spec {params.spec:q}"
+        " --workers {params.workers} > {log} 2>&1"
+
+
+# Methods with merged LoRA weights also write the singular values of the first episode's.
+use rule evaluate as evaluate_merged with:
+    output:
+        rows=PATHS["rows"],
+        sanity=PATHS["sanity"],
+        spectra=PATHS["spectra"],
+    wildcard_constraints:
+        method=MERGING,

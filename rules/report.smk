@@ -3,29 +3,30 @@
 
 rule report:
     input:
-        rows=eval_targets(),
-        sanity=sanity_files(eval_targets()),
-        training=training_logs(),
+        rows=PLAN.rows(),
+        sanity=PLAN.sanity_files(),
+        spectra=PLAN.spectra_files(),
+        training=PLAN.training_logs(),
     output:
         tables=report(
-            directory(f"{RESULTS}/tables"),
+            directory(PATHS["tables"]),
             patterns=["{name}.csv"],
             caption="../docs/report/tables.rst",
             category="Tables",
         ),
         figures=report(
-            directory(f"{RESULTS}/figures"),
+            directory(PATHS["figures"]),
             patterns=["{name}.png"],
             caption="../docs/report/figures.rst",
             category="Figures",
         ),
     log:
-        f"{RESULTS}/logs/report/report.log",
+        log("report"),
     params:
-        spectra=lambda wc, input: spectra_files(input.rows),
+        spectra=lambda wc, input: f"--spectra {input.spectra}" if input.spectra else "",
         root=lambda wc, output: Path(output.tables).parent,
-        references=" ".join(["--reference-methods", *EVALUATE["references"]])
-        if "references" in EVALUATE
+        references=" ".join(["--reference-methods", *config["evaluate"]["references"]])
+        if "references" in config["evaluate"]
         else "",
     resources:
         mem_mb=4000,

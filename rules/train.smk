@@ -1,25 +1,24 @@
-"""Meta-tune every (backbone, setting): the pm and lora baselines, and one amt job per pool
-member (independent, so a cluster runs them side by side), then assemble each pool."""
+"""Meta-tune every (backbone, setting): the baselines, and one job per pool member
+(independent, so a cluster runs them side by side), then assemble each pool."""
 
 
 rule train_baseline:
     input:
-        stores=train_stores(),
-        backbone=lambda wc: backbone_checkpoint(wc.backbone),
+        backbone=lambda wc: PLAN.backbone_checkpoint(wc.backbone),
+        stores=PLAN.train_stores(),
     output:
-        model=f"{MODELS}/{{backbone}}/{{setting}}/{{method}}/model.pt",
-        log_csv=f"{MODELS}/{{backbone}}/{{setting}}/{{method}}/train_log.csv",
-        manifest=f"{MODELS}/{{backbone}}/{{setting}}/{{method}}/manifest.json",
+        model=PATHS["model"],
+        log_csv=PATHS["model_log"],
+        manifest=PATHS["model_manifest"],
     wildcard_constraints:
-        method="pm|lora",
+        trained=BASELINES,
     log:
-        f"{RESULTS}/logs/train/{{backbone}}_{{setting}}_{{method}}.log",
+        log("train_baseline"),
     benchmark:
-        f"{RESULTS}/benchmarks/train/{{backbone}}_{{setting}}_{{method}}.tsv"
+        benchmark("train_baseline")
     params:
+        spec=lambda wc: to_json(PLAN.baseline_spec(wc.backbone, wc.setting, wc.trained)),
         workers=loader_workers,
-        common=lambda wc: train_options(wc.setting),
-        seed=config["seed"],
         out_dir=lambda wc, output: Path(output.model).parent,
     threads: 1
     resources:
@@ -28,28 +27,28 @@ rule train_baseline:
         gpu=1,
         cpus_per_gpu=cpus_per_gpu,
     shell:
-        "OMP_NUM_THREADS={threads} python -m amt train --method {wildcards.method}"
-        " --backbone {wildcards.backbone} --backbone-checkpoint {input.backbone}"
-        " --stores {input.stores} {params.common} --seed {params.seed}"
-        " --workers {params.workers} --out {params.out_dir} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m amt train --spec {params.spec:q}"
+        " --stores {input.stores} --workers {params.workers} --out {params.out_dir} > {log} 2>&1"
 
 
 rule train_amt_member:
     input:
-        stores=train_stores(),
-        backbone=lambda wc: backbone_checkpoint(wc.backbone),
+        backbone=lambda wc: PLAN.backbone_checkpoint(wc.backbone),
+        stores=PLAN.train_stores(),
     output:
-        model=f"{MODELS}/{{backbone}}/{{setting}}/amt_{{strategy}}/member{{member}}/model.pt",
-        log_csv=f"{MODELS}/{{backbone}}/{{setting}}/amt_{{strategy}}/member{{member}}/train_log.csv",
-        manifest=f"{MODELS}/{{backbone}}/{{setting}}/amt_{{strategy}}/member{{member}}/manifest.json",
+        model=PATHS["member"],
+        log_csv=PATHS["member_log"],
+        manifest=PATHS["member_manifest"],
+    wildcard_constraints:
+        trained=POOLED,
     log:
-        f"{RESULTS}/logs/train/{{backbone}}_{{setting}}_amt_{{strategy}}_member{{member}}.log",
+        log("train_amt_member"),
     benchmark:
-        f"{RESULTS}/benchmarks/train/{{backbone}}_{{setting}}_amt_{{strategy}}_member{{member}}.tsv"
+        benchmark("train_amt_member")
     params:
+        spec=lambda wc: to_json(PLAN.member_spec(wc.backbone, wc.setting, wc.trained,
+                                                 wc.strategy, int(wc.member))),
         workers=loader_workers,
-        common=lambda wc: train_options(wc.setting),
-        member=lambda wc: member_options(wc.strategy, int(wc.member)),
         out_dir=lambda wc, output: Path(output.model).parent,
     threads: 1
     resources:
@@ -58,22 +57,24 @@ rule train_amt_member:
         gpu=1,
         cpus_per_gpu=cpus_per_gpu,
     shell:
-        "OMP_NUM_THREADS={threads} python -m amt train --method amt"
-        " --backbone {wildcards.backbone} --backbone-checkpoint {input.backbone}"
-        " --stores {input.stores} {params.common} {params.member}"
-        " --workers {params.workers} --out {params.out_dir} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m amt train --spec {params.spec:q}"
+        " --stores {input.stores} --workers {params.workers} --out {params.out_dir} > {log} 2>&1"
 
 
 rule assemble_pool:
     input:
-        lambda wc: pool_members(wc.backbone, wc.setting, wc.strategy),
+        lambda wc: PLAN.pool_members(wc.backbone, wc.setting, wc.trained, wc.strategy),
     output:
-        f"{MODELS}/{{backbone}}/{{setting}}/amt_{{strategy}}/pool.pt",
+        PATHS["pool"],
+    wildcard_constraints:
+        trained=POOLED,
     log:
-        f"{RESULTS}/logs/pool/{{backbone}}_{{setting}}_{{strategy}}.log",
+        log("assemble_pool"),
+    params:
+        spec=lambda wc: to_json(PLAN.pool_spec(wc.backbone, wc.setting, wc.trained,
+                                               wc.strategy)),
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m amt pool --members {input} --strategy {wildcards.strategy}"
-        " --out {output} > {log} 2>&1"
+        "python -m amt pool --spec {params.spec:q} > {log} 2>&1"

@@ -1,40 +1,19 @@
-"""Shared fixtures: tiny domain files built with the real writer, and a pickled-code payload."""
+"""Shared fixtures: one thread for tiny models, tiny domain files, report inputs, and a
+pickled-code payload. The builders behind them are in ``builders.py``."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-
-from data_prep.convert import ClassSpec, write_domain
-
-
-def make_domain(path: Path, splits: dict[str, int], images_per_class: int | list[int] = 4,
-                size: int = 12, superclasses: int = 0, seed: int = 0) -> Path:
-    """Write a small greyscale domain with the given number of classes per split."""
-    rng = np.random.default_rng(seed)
-    names = [(split, i) for split, n in splits.items() for i in range(n)]
-    counts = (images_per_class if isinstance(images_per_class, list)
-              else [images_per_class] * len(names))
-    classes = [
-        ClassSpec(
-            name=f"{split}_{i}",
-            split=split,
-            items=[rng.integers(0, 256, (size, size), dtype=np.uint8) for _ in range(count)],
-            superclass=f"group_{c % superclasses}" if superclasses else None,
-        )
-        for c, ((split, i), count) in enumerate(zip(names, counts, strict=True))
-    ]
-    write_domain(path, source="synthetic", converter_version="test", classes=classes,
-                 load=np.asarray)
-    return path
+import torch
+from builders import split_domain, synthetic_results, synthetic_spectra
 
 
 @pytest.fixture
 def tiny_domain(tmp_path: Path) -> Path:
-    return make_domain(tmp_path / "tiny.h5", {"train": 4, "valid": 2, "test": 3}, superclasses=2)
+    return split_domain(tmp_path / "tiny.h5", {"train": 4, "valid": 2, "test": 3}, superclasses=2)
 
 
 class _Exploit:
@@ -52,3 +31,27 @@ def pickled_code(tmp_path: Path) -> tuple[object, Path]:
     """(an object whose unpickling would execute code, the file that execution would create)."""
     marker = tmp_path / "executed"
     return _Exploit(marker), marker
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and a contended thread pool stalls them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def report_inputs(tmp_path: Path) -> tuple[list[Path], Path]:
+    """Two job files (clean and PGD rows of pm and amt) and a spectra file."""
+    results = synthetic_results(episodes=4)
+    results = results[(results.benchmark == "bscd") & (results.setting == "5w5s")
+                      & results.method.isin(["pm", "amt"]) & (results.norm != "corruption")
+                      & results.domain.isin(["src", "eurosat", "isic"])]
+    jobs = [tmp_path / "clean.csv", tmp_path / "pgd.csv"]
+    results[results.norm == "none"].to_csv(jobs[0], index=False)
+    results[results.norm == "linf"].to_csv(jobs[1], index=False)
+    spectra = tmp_path / "spectra.csv"
+    synthetic_spectra(layers=2, rank=4).query("domain == 'mnist'").to_csv(spectra, index=False)
+    return jobs, spectra

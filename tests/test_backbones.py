@@ -7,7 +7,6 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from amt.backbones import (
-    BACKBONES,
     Backbone,
     MaxPool2x2,
     build_backbone,
@@ -17,6 +16,7 @@ from amt.backbones import (
     remap_ibot,
 )
 from amt.checkpoints import CheckpointError
+from amt.registry import BACKBONES
 
 
 @pytest.fixture
@@ -27,10 +27,12 @@ def tiny_state():
 
 @pytest.fixture
 def tiny_family(monkeypatch):
-    """Register tiny_vit under each family's remap, so official layouts load in milliseconds."""
-    for family, remap in (("dino", remap_dino), ("ibot", remap_ibot), ("deit", remap_deit)):
+    """Register tiny_vit under each checkpoint family, so official layouts load in
+    milliseconds."""
+    for family in ("dino", "ibot", "deit"):
         monkeypatch.setitem(BACKBONES, f"tiny_{family}",
-                            dataclasses.replace(BACKBONES["tiny_vit"], remap=remap))
+                            dataclasses.replace(BACKBONES["tiny_vit"], name=f"tiny_{family}",
+                                                family=family))
 
 
 def _head(state):

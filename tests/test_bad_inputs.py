@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pool import make_domain, make_episodes, make_pool, model_file, one_thread  # noqa: F401
+from builders import make_episodes, make_pool, model_file, template_domain
 
-from amt.adapt import SELECTION_FORMAT
 from amt.checkpoints import sha256
 from amt.errors import UserError
-from amt.evaluate import EvalConfig, evaluate, parse_attacks
+from amt.evaluate import evaluate
+from amt.selections import SELECTION_FORMAT
+from amt.specs import EvalConfig, parse_attacks
 from data_prep.store import DomainStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +27,7 @@ AMT_KEYS = ["beta", "gamma", "top_k", "str_layers", "str_ratio"]
 def files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("bad")
     torch.set_num_threads(1)
-    store = make_domain(folder / "domain.h5")
+    store = template_domain(folder / "domain.h5")
     found = {"folder": folder, "store": store, "pool": make_pool(folder, members=2),
              "backbone": folder / "tiny_backbone.pth",
              "episodes": make_episodes(store, folder / "test.json"),
@@ -102,11 +103,11 @@ def test_bad_job_inputs_are_refused_by_name(files, tmp_path, overrides, message)
 
 
 @pytest.mark.parametrize(("eps", "message"), [
-    (2, r"--attacks\[0\]\.eps: eps 2: expected a budget in \(0, 1\]"),
-    ("8", r"eps '8': expected a budget in \(0, 1\] \(pixel space is \[0, 1\]"),
-    (0, r"eps 0: expected a budget in \(0, 1\]"),
-    ("-1/255", r"eps '-1/255': expected a budget in \(0, 1\]"),
-    ("4/0", r"eps '4/0' is not a number .*non-zero denominator"),
+    (2, r"--attacks\[0\]: eps: budget 2: expected a value in \(0, 1\]"),
+    ("8", r"budget '8': expected a value in \(0, 1\] \(pixel space is \[0, 1\]"),
+    (0, r"budget 0: expected a value in \(0, 1\]"),
+    ("-1/255", r"budget '-1/255': expected a value in \(0, 1\]"),
+    ("4/0", r"budget '4/0' is not a number .*non-zero denominator"),
 ])
 def test_bad_budgets_are_refused_by_value(eps, message):
     with pytest.raises(UserError, match=message):

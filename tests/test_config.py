@@ -11,11 +11,12 @@ import jsonschema
 import pytest
 import yaml
 
-from amt.config import ConfigError, check_config, raw_folder
+from amt.config import ConfigError, check_config, load_schema
+from amt.plan import Plan
 from data_prep.sources import SOURCES
 
 ROOT = Path(__file__).parents[1]
-SCHEMA = yaml.safe_load((ROOT / "schemas" / "config.schema.yaml").read_text())
+SCHEMA = load_schema()
 DEFAULT = yaml.safe_load((ROOT / "config.yaml").read_text())
 
 
@@ -85,9 +86,10 @@ def test_real_source_without_raw_folder_is_rejected() -> None:
 def test_raw_folder_of_fetched_and_configured_sources() -> None:
     config = copy.deepcopy(DEFAULT)
     config["domains"]["omniglot"] = {"source": "omniglot", "raw": "/data/omniglot"}
-    assert raw_folder(config, "mnist") == "resources/mnist"
-    assert raw_folder(config, "glyphs") is None
-    assert raw_folder(config, "omniglot") == "/data/omniglot"
+    plan = Plan(config)
+    assert plan.raw_folder("mnist") == "resources/mnist"
+    assert plan.raw_folder("glyphs") is None
+    assert plan.raw_folder("omniglot") == "/data/omniglot"
 
 
 def test_workflow_stops_on_a_bad_config_naming_the_key(tmp_path: Path) -> None:
@@ -160,6 +162,6 @@ def test_configfile_replaces_the_default_and_config_overrides_it(tmp_path: Path)
     path = tmp_path / "own.yaml"
     path.write_text(yaml.safe_dump(own))
     output = _dry_run(tmp_path, "--configfile", str(path))
-    assert "--seed 5" in output and "convert_digits" not in output  # not merged into the default
+    assert '"seed":5' in output and "convert_digits" not in output  # not merged into the default
     output = _dry_run(tmp_path, "--config", "seed=7")
-    assert "--seed 7" in output and "convert_digits" in output  # the default, one key overridden
+    assert '"seed":7' in output and "convert_digits" in output  # the default, one key overridden

@@ -12,20 +12,21 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from amt.episode_data import EpisodeDataset, SampledEpisodeDataset
+from amt.episode_files import (
+    EpisodeFileError,
+    check_episodes_match,
+    episode_meta,
+    load_episodes,
+    save_episodes,
+)
 from amt.episodes import (
     Episode,
-    EpisodeDataset,
-    EpisodeFileError,
     FixedSampler,
-    SampledEpisodeDataset,
     VariableSampler,
-    check_episodes_match,
     draw_episodes,
-    episode_meta,
     episode_rng,
-    load_episodes,
     sampler_from_setting,
-    save_episodes,
 )
 from amt.transforms import train_transform
 from data_prep.convert import ClassSpec, StorageSettings, write_domain

@@ -12,26 +12,33 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from test_pool import make_domain, make_episodes, make_pool, model_file, one_thread  # noqa: F401
+from builders import make_episodes, make_pool, model_file, template_domain
 
-from amt.adapt import SELECTION_FORMAT, Hyper, load_method
 from amt.attacks import pgd
 from amt.checkpoints import sha256
-from amt.evaluate import (
+from amt.conditions import Condition, build_conditions, robust_correct, torchattack
+from amt.evaluate import evaluate, register
+from amt.methods import load_method
+from amt.rows import load_results, load_spectra
+from amt.sanity import sanity_checks
+from amt.selections import SELECTION_FORMAT
+from amt.specs import (
     AttackSpec,
-    Condition,
+    CorruptionSpec,
     EvalConfig,
-    build_conditions,
-    evaluate,
+    Hyper,
+    SanitySpec,
+    build,
     parse_attacks,
-    parse_corruptions,
-    parse_sanity,
-    register,
-    robust_correct,
-    sanity_checks,
-    torchattack,
 )
-from amt.report.results import load_results, load_spectra
+
+
+def parse_corruptions(value: dict) -> CorruptionSpec:
+    return build(CorruptionSpec, value, "corruptions")
+
+
+def parse_sanity(value: dict) -> SanitySpec:
+    return build(SanitySpec, value, "sanity")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -45,7 +52,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("eval")
     torch.set_num_threads(1)
     pool = make_pool(folder, members=3)
-    store = make_domain(folder / "domain.h5")
+    store = template_domain(folder / "domain.h5")
     selection = folder / "selection.json"
     selection.write_text(json.dumps({
         "format": SELECTION_FORMAT, "selected": ["beta", "gamma", "top_k", "str_layers",
@@ -150,11 +157,11 @@ def test_missing_torchattacks_names_the_install_command(monkeypatch):
 @pytest.mark.parametrize(("value", "message"), [
     ([{"attack": "pgd", "norm": "linf", "eps": ["2/255"]}, {"attack": "fgsm", "norm": "linf",
                                                             "eps": [0.1]}],
-     r"--attacks\[1\]: bad value of 'attack': 'fgsm'"),
-    ([{"attack": "pgd", "norm": "linf", "eps": ["2/0"]}], r"--attacks\[0\]\.eps: eps '2/0'"),
-    ([{"attack": "pgd", "norm": "linf", "eps": [-1]}], r"eps -1: expected a budget in \(0, 1\]"),
+     r"--attacks\[1\]: attack='fgsm': expected one of \['pgd'"),
+    ([{"attack": "pgd", "norm": "linf", "eps": ["2/0"]}], r"--attacks\[0\]: eps: budget '2/0'"),
+    ([{"attack": "pgd", "norm": "linf", "eps": [-1]}], r"budget -1: expected a value in \(0, 1\]"),
     ([{"attack": "pgd", "norm": "linf", "eps": [0.1], "step": 3}], r"unknown keys \['step'\]"),
-    ({"attack": "pgd"}, "expected a JSON list"),
+    ({"attack": "pgd"}, "expected a list of attack objects"),
 ])
 def test_attack_specs_are_checked(value, message):
     with pytest.raises(ValueError, match=message):
@@ -172,7 +179,7 @@ def test_conditions_are_distinct_and_noise_follows_linf_budgets():
     assert ("contrast", "corruption", 5.0) in keys and len(keys) == 1 + 3 + 2 + 2
     with pytest.raises(ValueError, match="more than once"):
         build_conditions(specs + specs[:1], parse_corruptions({"names": [], "severities": []}))
-    with pytest.raises(ValueError, match="names among"):
+    with pytest.raises(ValueError, match="expected corruptions among"):
         parse_corruptions({"names": ["fog"], "severities": [1]})
 
 

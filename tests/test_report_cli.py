@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import pytest
-from test_report_results import synthetic_results, synthetic_spectra
 
 from amt.report import register
 
@@ -18,23 +17,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-@pytest.fixture
-def inputs(tmp_path: Path) -> tuple[list[Path], Path]:
-    """Two job files (clean and PGD rows of pm and amt) and a spectra file."""
-    results = synthetic_results(episodes=4)
-    results = results[(results.benchmark == "bscd") & (results.setting == "5w5s")
-                      & results.method.isin(["pm", "amt"]) & (results.norm != "corruption")
-                      & results.domain.isin(["src", "eurosat", "isic"])]
-    jobs = [tmp_path / "clean.csv", tmp_path / "pgd.csv"]
-    results[results.norm == "none"].to_csv(jobs[0], index=False)
-    results[results.norm == "linf"].to_csv(jobs[1], index=False)
-    spectra = tmp_path / "spectra.csv"
-    synthetic_spectra(layers=2, rank=4).query("domain == 'mnist'").to_csv(spectra, index=False)
-    return jobs, spectra
-
-
-def test_report_writes_tables_and_figures(tmp_path: Path, inputs) -> None:
-    jobs, spectra = inputs
+def test_report_writes_tables_and_figures(tmp_path: Path, report_inputs) -> None:
+    jobs, spectra = report_inputs
     args = _parser().parse_args(
         ["report", "--results", *map(str, jobs), "--spectra", str(spectra),
          "--tables-dir", str(tmp_path / "tables"), "--figures-dir", str(tmp_path / "figures"),
@@ -51,9 +35,9 @@ def test_report_writes_tables_and_figures(tmp_path: Path, inputs) -> None:
                                     "eps_curve_bscd_dino_5w5s_pgd_linf", "spectra_mnist")}
 
 
-def test_report_fails_cleanly_on_a_bad_file(tmp_path: Path, inputs,
+def test_report_fails_cleanly_on_a_bad_file(tmp_path: Path, report_inputs,
                                             caplog: pytest.LogCaptureFixture) -> None:
-    jobs, _ = inputs
+    jobs, _ = report_inputs
     bad = tmp_path / "bad.csv"
     bad.write_text(jobs[0].read_text().replace("accuracy", "acc", 1))
     args = _parser().parse_args(["report", "--results", str(bad), "--tables-dir",
@@ -69,9 +53,9 @@ def test_report_requires_results_and_directories() -> None:
         _parser().parse_args(["report", "--tables-dir", "t", "--figures-dir", "f"])
 
 
-def test_report_refuses_a_repeated_reference(tmp_path: Path, inputs,
+def test_report_refuses_a_repeated_reference(tmp_path: Path, report_inputs,
                                              caplog: pytest.LogCaptureFixture) -> None:
-    jobs, _ = inputs
+    jobs, _ = report_inputs
     args = _parser().parse_args(["report", "--results", *map(str, jobs), "--tables-dir",
                                  str(tmp_path / "t"), "--figures-dir", str(tmp_path / "f"),
                                  "--reference-methods", "lora", "lora"])

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from builders import synthetic_results, synthetic_spectra
 from matplotlib.colors import to_rgb
 from matplotlib.container import BarContainer, ErrorbarContainer
 from PIL import Image
-from test_report_results import synthetic_results, synthetic_spectra
 
 from amt.report.figures import (
     build_figures,
@@ -23,8 +23,8 @@ from amt.report.figures import (
     spectra_figures,
     table_bars,
 )
-from amt.report.results import parse_spectra
 from amt.report.tables import TABLES, spec_tables
+from amt.rows import parse_spectra
 
 DOMAINS = ["glyphs", "mnist", "digits", "animals"]
 MAIN = ["pm", "lora", "amt"]
@@ -222,8 +222,8 @@ def test_training_curves_from_pipeline_logs(tmp_path):
 
 
 def test_training_log_outside_the_layout_is_named(tmp_path):
-    from amt.report.results import ResultsError
     from amt.report.training import read_log
+    from amt.rows import ResultsError
 
     stray = _write_log(tmp_path / "results" / "elsewhere" / "train_log.csv",
                        pd.DataFrame({"epoch": [0], "loss": [1.0], "acc": [0.5]}))

@@ -1,7 +1,4 @@
-"""The tidy results and spectra formats: loader, validation and error messages.
-
-``synthetic_results``/``synthetic_spectra`` are shared with the other report tests.
-"""
+"""The tidy results and spectra formats: loader, validation and error messages."""
 
 from __future__ import annotations
 
@@ -10,67 +7,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from builders import synthetic_results, synthetic_spectra
 
-from amt.report.results import (
+from amt.report.results import condition_label, condition_slug
+from amt.rows import (
     COLUMNS,
     ResultsError,
-    condition_label,
-    condition_slug,
     load_results,
     load_spectra,
     require_results,
     validate_results,
 )
-
-BENCHMARKS = {"builtin": ["glyphs", "mnist", "digits", "animals"],
-              "bscd": ["src", "eurosat", "isic", "chestx"]}
-METHODS = {"pm": 0.0, "lora": 0.03, "amt": 0.08, "amt_no_ttm": 0.05, "amt_weight_avg": 0.04,
-           "amt_pool_uniform": 0.06}
-ROBUST = {"pm": 0.2, "lora": 0.3, "amt": 0.8, "amt_no_ttm": 0.7, "amt_weight_avg": 0.6,
-          "amt_pool_uniform": 0.75}
-CONDITIONS = [("none", "none", 0.0), ("pgd", "linf", 2 / 255), ("pgd", "linf", 4 / 255),
-              ("gaussian_noise", "corruption", 1.0), ("gaussian_noise", "corruption", 3.0),
-              ("contrast", "corruption", 1.0), ("contrast", "corruption", 3.0)]
-QUERIES = 75  # 5-way, 15 queries per class: accuracies are multiples of 1/75
-
-
-def _accuracy(base: float, method: str, condition: tuple, rng: np.random.Generator) -> float:
-    attack, norm, eps = condition
-    drop = {"none": 0.0, "linf": eps * 255 * 0.1, "corruption": eps * 0.05}[norm]
-    mean = base + METHODS[method] - drop * (1 - ROBUST[method])
-    return float(np.clip(np.round(rng.normal(mean, 0.08) * QUERIES) / QUERIES, 0, 1))
-
-
-def synthetic_results(episodes: int = 10, seed: int = 0) -> pd.DataFrame:
-    """2 benchmarks x 4 domains (the first in-domain), 6 methods, 2 settings, 7 conditions."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for benchmark, domains in BENCHMARKS.items():
-        for d, domain in enumerate(domains):
-            for setting, base in (("5w1s", 0.55), ("5w5s", 0.75)):
-                for method in METHODS:
-                    for condition in CONDITIONS:
-                        for episode in range(episodes):
-                            rows.append({
-                                "benchmark": benchmark, "domain": domain, "in_domain": d == 0,
-                                "backbone": "dino", "method": method, "setting": setting,
-                                "episode": episode, "attack": condition[0],
-                                "norm": condition[1], "eps": condition[2],
-                                "accuracy": _accuracy(base - 0.05 * d, method, condition, rng),
-                                "seed": 0, "config_hash": "abc123"})
-    return validate_results(pd.DataFrame(rows))
-
-
-def synthetic_spectra(layers: int = 3, rank: int = 12) -> pd.DataFrame:
-    rng = np.random.default_rng(0)
-    rows = []
-    for domain in ("mnist", "eurosat"):
-        for method, decay in (("amt", 0.7), ("amt_no_str", 0.85), ("pm", 0.9)):
-            for layer in range(layers):
-                values = np.sort(rng.uniform(0.5, 1.5) * decay ** np.arange(rank))[::-1]
-                rows += [{"domain": domain, "method": method, "layer": f"blocks.{layer}.mlp.fc1",
-                          "index": i, "singular_value": v} for i, v in enumerate(values)]
-    return pd.DataFrame(rows)
 
 
 @pytest.fixture

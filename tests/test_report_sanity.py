@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_report_cli import inputs  # noqa: F401 - fixture
 
-from amt.evaluate import AttackSpec, Condition, parse_sanity, sanity_checks
+from amt.conditions import Condition
 from amt.report import register
-from amt.report.results import ResultsError
 from amt.report.sanity import KINDS, load_sanity, to_markdown
+from amt.rows import ResultsError
+from amt.sanity import sanity_checks
+from amt.specs import AttackSpec, SanitySpec
 
 
 def _checks(pgd_accuracy: float) -> list[dict]:
@@ -27,7 +28,7 @@ def _checks(pgd_accuracy: float) -> list[dict]:
     conditions = [Condition("pgd", "linf", 0.01, spec), Condition("pgd", "linf", 0.02, spec)]
     extras = [{"kind": "steps", "key": conditions[0].key, "episode": 0, "accuracy": 0.3},
               {"kind": "large_eps", "eps": 0.25, "episode": 0, "accuracy": 0.0}]
-    return sanity_checks(frame, extras, conditions, parse_sanity({"large_eps": 0.25}))
+    return sanity_checks(frame, extras, conditions, SanitySpec(large_eps=0.25))
 
 
 def _write(folder: Path, method: str, checks: list[dict]) -> Path:
@@ -61,8 +62,8 @@ def test_a_file_without_the_job_keys_is_refused_by_name(tmp_path):
         load_sanity([path])
 
 
-def test_report_command_writes_the_sanity_table(tmp_path, inputs):  # noqa: F811
-    jobs, _ = inputs
+def test_report_command_writes_the_sanity_table(tmp_path, report_inputs):
+    jobs, _ = report_inputs
     parser = argparse.ArgumentParser(prog="amt")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(

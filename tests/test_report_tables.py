@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_report_results import synthetic_results
+from builders import synthetic_results
 
-from amt.report.results import validate_results
 from amt.report.tables import TABLES, TableSpec, build_tables
+from amt.rows import validate_results
 
 
 @pytest.fixture(scope="module")
@@ -220,12 +220,3 @@ def test_methods_outside_every_accuracy_table_are_noted(tmp_path: Path,
     assert "corruption rows are shown in the corruption figures" in index
     assert "styleadv" in (tmp_path / "difference_vs_pm_bscd_dino_5w5s_clean.md").read_text()
 
-
-def test_every_method_the_report_names_exists():
-    from amt.adapt import METHODS
-    from amt.report.results import METHOD_LABELS
-    from amt.report.tables import TABLES
-
-    named = set(METHOD_LABELS) | {m for s in TABLES for m in (s.methods or ())} | \
-        {s.anchor for s in TABLES if s.anchor}
-    assert named <= set(METHODS), sorted(named - set(METHODS))

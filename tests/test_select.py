@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pool import make_domain, make_episodes, make_pool, model_file, one_thread  # noqa: F401
+from builders import make_episodes, make_pool, model_file, template_domain
 
-from amt.adapt import read_selection
-from amt.evaluate import EvalConfig, evaluate
-from amt.select import SelectConfig, grid_points, register, select
+from amt.evaluate import evaluate
+from amt.select import register, select
+from amt.selections import read_selection
+from amt.specs import EvalConfig, SelectConfig, grid_points
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TRIM_ALL = {"layers": "all", "ratio": 0.05}  # keeps 1 of 32 singular values: destroys features
@@ -22,7 +23,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("select")
     torch.set_num_threads(1)
     pool = make_pool(folder, members=3)
-    store = make_domain(folder / "domain.h5")
+    store = template_domain(folder / "domain.h5")
     return {"pool": pool, "store": store, "folder": folder,
             "pm": model_file(folder, folder / "tiny_backbone.pth", "pm", method="pm"),
             "episodes": make_episodes(store, folder / "valid.json", count=4, ways=5, seed=1)}
@@ -56,7 +57,7 @@ def test_select_picks_the_clearly_best_point_and_records_the_grid(files, tmp_pat
 
 
 def test_points_with_the_same_merge_share_one_evaluation(files, tmp_path, monkeypatch):
-    from amt.adapt import PoolMethod
+    from amt.methods import PoolMethod
 
     adapts = []
     original = PoolMethod.adapt

@@ -13,26 +13,25 @@ import torch
 from torch.utils.data import Dataset
 
 from amt import devices
-from amt.backbones import BACKBONES, build_backbone
-from amt.checkpoints import CheckpointError, load_tagged
-from amt.lora import adapter_parameters
-from amt.train import (
+from amt import pretrain as pretrain_command
+from amt.backbones import build_backbone
+from amt.checkpoints import (
     CHECKPOINT,
     LOG,
     MANIFEST,
     MODEL,
-    MetaTuner,
-    PretrainConfig,
-    StoreImages,
-    TrainConfig,
+    CheckpointError,
     TrainingError,
-    cosine_lr,
-    load_trained,
-    pretrain,
-    register,
-    train,
-    train_config_from_args,
+    load_tagged,
 )
+from amt.errors import UserError
+from amt.lora import adapter_parameters
+from amt.models import load_trained
+from amt.pretrain import StoreImages, pretrain
+from amt.registry import BACKBONES
+from amt.schedule import cosine_lr
+from amt.specs import PretrainConfig, TrainConfig, spec_from_args
+from amt.train import MetaTuner, register, train
 
 CPU = torch.device("cpu")
 
@@ -156,13 +155,13 @@ def test_amt_step_attacks_the_queries():
 
 def test_random_pool_budget_is_drawn_per_episode_and_bounds_the_attack():
     choices = (1 / 255, 4 / 255, 16 / 255)
-    config = _config(None, budget_choices=choices, attack_steps=2)
+    config = _config(None, budgets=choices, attack_steps=2)
     drawn = [config.episode_budget(i) for i in range(40)]
     assert set(drawn) == set(choices)  # every choice appears, nothing else
     assert drawn == [config.episode_budget(i) for i in range(40)]  # resumption draws the same
-    assert drawn != [_config(None, budget_choices=choices, seed=1).episode_budget(i)
+    assert drawn != [_config(None, budgets=choices, seed=1).episode_budget(i)
                      for i in range(40)]  # pool members with their own seeds differ
-    assert _config(None, budget=2 / 255).episode_budget(7) == 2 / 255
+    assert _config(None, budgets=[2 / 255]).episode_budget(7) == 2 / 255
     torch.manual_seed(0)
     tuner = MetaTuner(config, CPU)
     for index in (drawn.index(choices[0]), drawn.index(choices[2])):
@@ -255,7 +254,7 @@ def test_bad_episode_and_config_are_named(tmp_path, tiny_file):
         train(_config(tiny_file), Episodes(5), tmp_path / "b")
     with pytest.raises(ValueError, match="needs backbone_checkpoint"):
         train(_config(None), Episodes(6), tmp_path / "c")
-    with pytest.raises(ValueError, match="config method='adv'"):
+    with pytest.raises(ValueError, match="method='adv': expected one of"):
         _config(tiny_file, method="adv")
 
 
@@ -286,35 +285,42 @@ def test_cosine_schedule():
 
 def _parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
+    subparsers = parser.add_subparsers()
+    register(subparsers)
+    pretrain_command.register(subparsers)
     return parser.parse_args(argv)
 
 
-def test_budget_choices_flag():
+def test_several_budgets_are_the_random_pool_and_one_is_fixed():
     args = _parse("train", "--method", "amt", "--backbone", "small_vit", "--backbone-checkpoint",
-                  "w.pt", "--stores", "a.h5", "--budget-choices", "1/255", "4/255", "--out", "o")
-    assert train_config_from_args(args).budget_choices == (1 / 255, 4 / 255)
+                  "w.pt", "--stores", "a.h5", "--budgets", "1/255", "4/255", "--out", "o")
+    assert spec_from_args(TrainConfig, args).budgets == (1 / 255, 4 / 255)
 
 
-def test_cli_flags_override_config_defaults():
-    args = _parse("train", "--method", "amt", "--backbone", "dino_vits16",
-                  "--backbone-checkpoint", "w.pth", "--stores", "a.h5", "b.h5", "--shots", "5",
-                  "--budget", "4/255", "--no-apsv", "--attack-steps", "7", "--out", "o")
-    config = train_config_from_args(args)
+def test_cli_flags_override_the_spec_and_the_defaults():
+    spec = json.dumps({"method": "lora", "backbone": "dino_vits16", "lr": 0.01,
+                       "setting": {"ways": 5, "shots": 5, "queries": 15}})
+    args = _parse("train", "--spec", spec, "--method", "amt", "--backbone-checkpoint", "w.pth",
+                  "--stores", "a.h5", "b.h5", "--budgets", "4/255", "--no-apsv",
+                  "--attack-steps", "7", "--out", "o")
+    config = spec_from_args(TrainConfig, args)
     defaults = TrainConfig()
-    assert config.budget == pytest.approx(4 / 255) and \
-        config.alpha(config.budget) == pytest.approx(1 / 255)
+    assert config.budgets == (pytest.approx(4 / 255),) and \
+        config.alpha(config.episode_budget(0)) == pytest.approx(1 / 255)
     assert config.setting == {"ways": 5, "shots": 5, "queries": 15}
+    assert (config.method, config.lr) == ("amt", 0.01)  # the flag over the spec, the spec's lr
     assert (config.apsv, config.apq, config.attack_steps) == (False, True, 7)
-    assert (config.lr, config.epochs, config.image_size) == (defaults.lr, defaults.epochs, 128)
+    assert (config.epochs, config.image_size) == (defaults.epochs, 128)
     assert args.func.__name__ == "cmd_train" and args.stores == [Path("a.h5"), Path("b.h5")]
     variable = _parse("train", "--method", "pm", "--backbone", "small_vit",
-                      "--backbone-checkpoint", "w.pt", "--stores", "a.h5", "--variable",
-                      "--out", "o")
-    assert train_config_from_args(variable).setting == {"variable": True}
-    assert train_config_from_args(variable).image_size == 32
-    with pytest.raises(SystemExit):
-        _parse("train", "--method", "amt", "--budget", "eight")
+                      "--backbone-checkpoint", "w.pt", "--stores", "a.h5", "--setting",
+                      '{"variable": true}', "--out", "o")
+    assert spec_from_args(TrainConfig, variable).setting == {"variable": True}
+    assert spec_from_args(TrainConfig, variable).image_size == 32
+    eight = _parse("train", "--method", "amt", "--budgets", "eight", "--stores", "a.h5",
+                   "--out", "o")
+    with pytest.raises(UserError, match="budgets\\[0\\]: budget 'eight' is not a number"):
+        spec_from_args(TrainConfig, eight)
 
 
 class _Colours(Dataset):

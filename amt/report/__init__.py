@@ -18,9 +18,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Load and validate the results (and spectra), then write every table and figure; 1 when
     an input file is missing or malformed (the log names the file and the problem)."""
     from amt.report.figures import build_figures, build_training_figures
-    from amt.report.results import ResultsError, load_results, load_spectra
     from amt.report.sanity import load_sanity, write_sanity_table
     from amt.report.tables import REFERENCES, build_tables
+    from amt.rows import ResultsError, load_results, load_spectra
 
     try:
         results = load_results(args.results)

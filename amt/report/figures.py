@@ -29,14 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from amt.report.results import (
-    GROUP,
-    condition_label,
-    conditions,
-    method_label,
-    require_results,
-    select_condition,
-)
+from amt.report.results import condition_label, conditions, method_label, select_condition
 from amt.report.stats import mean_ci, summarise
 from amt.report.tables import (
     MAIN_METHODS,
@@ -47,6 +40,7 @@ from amt.report.tables import (
     spec_tables,
 )
 from amt.report.training import training_figures
+from amt.rows import GROUP, require_results
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from amt.report.results import ResultsError
+from amt.rows import ResultsError
 
 JOB_KEYS = ("setting", "domain", "method")
 SUFFIX = ".sanity.json"

@@ -25,16 +25,15 @@ import numpy as np
 import pandas as pd
 
 from amt.report.results import (
-    GROUP,
     METHOD_LABELS,
     condition_label,
     condition_slug,
     conditions,
     method_label,
-    require_results,
     select_condition,
 )
 from amt.report.stats import Estimate, mean_of_means, paired_difference, summarise
+from amt.rows import GROUP, require_results
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from amt.report.results import ResultsError
+from amt.rows import ResultsError
 
 PRETRAIN_COLUMNS = ("epoch", "loss", "acc")
 META_COLUMNS = ("episode", "loss", "acc", "adv_acc")

@@ -1,53 +1,44 @@
 """Test-time methods: adapt to one episode's clean support, then classify its queries.
 
-A method turns an episode's support (``xs`` [n, 3, S, S] in [0, 1], labels ``ys`` 0..N-1) into
-an ``Adapted`` classifier whose prototypes are computed once, from the clean support, when it
-adapts; an attack on the queries reuses them and never recomputes them (threat model:
-``amt.evaluate``). ``method.adapt(xs, ys, index, queries)`` is a context manager: the model is in
-the episode's state (merged, trimmed, fine-tuned) inside it and restored when it exits.
+What each method is lives in the registry (``amt.registry.METHODS``): the trained artefact it
+reads and, for the pool family, how the members combine. This module builds them. A method turns
+an episode's support (``xs`` [n, 3, S, S] in [0, 1], labels ``ys`` 0..N-1) into an ``Adapted``
+classifier whose prototypes are computed once, from the clean support, when it adapts; an attack
+on the queries reuses them and never recomputes them (threat model: ``amt.evaluate``).
+``method.adapt(xs, ys, index, queries)`` is a context manager: the model is in the episode's
+state (merged, trimmed, fine-tuned) inside it and restored when it exits.
 
-- ``pm``, ``lora``: the frozen meta-tuned backbone (lora: its adapter merged) and its ProtoNet
-  head. Frozen, so a clean embedding depends on the image only: ``EmbeddingCache`` computes each
-  image's embedding once for all episodes (attacked queries are of course recomputed).
-- ``pmf``: PMF's test-time fine-tuning of the whole backbone: Adam, ``ft_steps`` steps at ``lr``,
-  each on one DiffAugment copy of the support with prototypes from the clean support (both in
-  one forward, gradients through both, as PMF); the weights are restored in place afterwards.
-- ``amt``: test-time merging (docs/method.md): one DiffAugment copy Z of the support; for each
-  member p alone (W = W_res + B_p A_p) prototypes from the clean support and cosine similarities
-  of Z's embeddings to them; intra_p (a class's Z to its own prototype) and inter_p (to the
-  other prototypes), each averaged within a class and then over classes;
-  score_p = gamma intra_p - (1 - gamma) inter_p; w_p = exp(beta (score_p - 1)) over the top k
-  scores, normalised; W = W_res + sum_p w_p B_p A_p in every adapted layer; STr replaces W by its
-  best rank-floor(rho min(out, in)) approximation in the selected layers (the fused qkv counts
-  as one layer). The ProtoNet head is the w-weighted average of the chosen members' heads
-  (scale and bias): each member learned its own scale, and the merged model mixes them as it
-  mixes their adapters.
-- ``amt_ft``: amt's merged (and trimmed) model fine-tuned as pmf.
-- Ablations on the same code path (``RECIPES``): ``amt_no_str`` (TTM, no trimming),
-  ``amt_single_best`` (the top-1 member, STr as selected), ``amt_weight_avg`` (every member
-  with weight 1/P, no scoring, STr as selected), ``amt_no_ttm`` (the 1/P average without STr:
-  neither test-time component), ``amt_logit_avg`` (each member alone with its own prototypes
-  and head; the logits averaged; no STr).
+- kind 'frozen' (pm, lora): the frozen meta-tuned backbone (lora: its adapter merged) and its
+  ProtoNet head. Frozen, so a clean embedding depends on the image only: ``EmbeddingCache``
+  computes each image's embedding once for all episodes (attacked queries are recomputed).
+- ``finetune`` (pmf, amt_ft): PMF's test-time fine-tuning of the whole backbone on top: Adam,
+  ``ft_steps`` steps at ``lr``, each on one DiffAugment copy of the support with prototypes from
+  the clean support (both in one forward, gradients through both, as PMF); the weights are
+  restored in place afterwards.
+- kind 'pool' with combine 'ttm' (amt): test-time merging (docs/method.md): one DiffAugment
+  copy Z of the support; for each member p alone (W = W_res + B_p A_p) prototypes from the clean
+  support and cosine similarities of Z's embeddings to them; intra_p (a class's Z to its own
+  prototype) and inter_p (to the other prototypes), each averaged within a class and then over
+  classes; score_p = gamma intra_p - (1 - gamma) inter_p; w_p = exp(beta (score_p - 1)) over the
+  top k scores, normalised; W = W_res + sum_p w_p B_p A_p in every adapted layer; STr
+  (``amt.trim``) replaces W by its best rank-floor(rho min(out, in)) approximation in the
+  selected layers (the fused qkv counts as one layer). The ProtoNet head is the w-weighted
+  average of the chosen members' heads (scale and bias): each member learned its own scale, and
+  the merged model mixes them as it mixes their adapters.
+- combine 'uniform': every member with weight 1/P, no scoring; combine 'logits': each member
+  alone with its own prototypes and head, the logits averaged (no merged model, no STr).
 
 Cost. Each member's merged weights W_res + B_p A_p are computed once per pool, not per episode,
 and stacked per layer: switching members is a pointer swap, and scoring runs the members side by
 side, P copies of [support; Z] in one grouped forward (capped per device, ``SCORING_IMAGES``). The
-episode's merge writes into one preallocated buffer per layer; nothing copies the model. STr
-uses the eigendecomposition of each weight's smaller Gram matrix (float32, batched over layers
-of a shape) and projects onto the kept subspace: the same matrix as the truncated SVD at a
-fraction of ``torch.linalg.svd``'s cost (bench/bench_eval.py measures both).
-DiffAugment runs in the model's normalised input space, as in PMF, whose loader normalises
-before augmenting: brightness +U(-0.5, 0.5) and the zero padding of a translation are in
-normalised units, exactly the network inputs PMF produces.
+episode's merge writes into one preallocated buffer per layer; nothing copies the model.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,238 +48,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amt import devices
+from amt.augment import augment_support
 from amt.backbones import Backbone
-from amt.checkpoints import MODEL_FORMAT, CheckpointError, load_tagged, sha256
-from amt.episodes import episode_rng
+from amt.checkpoints import MODEL_FORMAT, CheckpointError, load_tagged
+from amt.devices import torch_generator
 from amt.errors import UserError
-from amt.lora import DEFAULT_TARGETS, LoRALinear, lora_layers, merge, merged_weight
+from amt.lora import LoRALinear, lora_layers, merge, merged_weight
+from amt.models import load_trained
 from amt.pool import Pool, load_pool
 from amt.protonet import ProtoHead, prototypes
-from amt.report.results import SPECTRA_COLUMNS
-from amt.train import load_trained
-
-STR_LAYERS = {"none": (), "fc1": ("mlp.fc1",), "all": DEFAULT_TARGETS}  # layer-name suffixes
-SELECTION_FORMAT = "amt-selection"
-AUGMENT_PROB = 0.9  # PMF's aug_prob: the whole support is augmented with this probability
-TRANSLATION = 0.125  # PMF's translation ratio (of the image side)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How a pool method combines its members."""
-
-    combine: str  # 'ttm' (scored top-k), 'uniform' (1/P each), 'logits' (average logits)
-    trim: bool  # apply the selected STr to the merged weights
-    finetune: bool = False  # PMF-style fine-tuning of the merged model
-    top_k: int | None = None  # a fixed k instead of the selected one
-
-
-RECIPES: dict[str, Recipe] = {
-    "amt": Recipe("ttm", trim=True),
-    "amt_ft": Recipe("ttm", trim=True, finetune=True),
-    "amt_no_str": Recipe("ttm", trim=False),
-    "amt_single_best": Recipe("ttm", trim=True, top_k=1),
-    "amt_weight_avg": Recipe("uniform", trim=True),
-    "amt_no_ttm": Recipe("uniform", trim=False),
-    "amt_logit_avg": Recipe("logits", trim=False),
-    # AMT on the pools of the other strategies (train.amt.pool_strategies): the pool ablation
-    "amt_pool_uniform": Recipe("ttm", trim=True),
-    "amt_pool_random": Recipe("ttm", trim=True),
-}
-POOL_STRATEGY_METHODS = {"amt_pool_uniform": "uniform", "amt_pool_random": "random"}
-MODEL_METHODS = ("pm", "pmf", "lora")  # evaluated from a model.pt; the others from a pool file
-METHODS = (*MODEL_METHODS, *RECIPES)
-MERGING = ("lora", *(n for n, r in RECIPES.items() if r.combine != "logits"))  # merged weights
-_STR = ("str_layers", "str_ratio")
-# The hyperparameters each method uses, which per-domain selection must set.
-TUNED: dict[str, tuple[str, ...]] = {
-    "pm": (), "lora": (), "pmf": ("lr",),
-    "amt": ("beta", "gamma", "top_k", *_STR), "amt_ft": ("beta", "gamma", "top_k", *_STR, "lr"),
-    "amt_no_str": ("beta", "gamma", "top_k"), "amt_single_best": ("gamma", *_STR),
-    "amt_weight_avg": _STR, "amt_no_ttm": (), "amt_logit_avg": (),
-    **dict.fromkeys(POOL_STRATEGY_METHODS, ("beta", "gamma", "top_k", *_STR)),
-}
-
-
-@dataclass(frozen=True)
-class Hyper:
-    """Test-time hyperparameters (defaults: docs/method.md); selected per domain."""
-
-    beta: float = 1.0
-    gamma: float = 0.6
-    top_k: int = 2
-    str_layers: str = "none"  # a key of STR_LAYERS
-    str_ratio: float = 1.0  # rho
-    lr: float = 0.0  # test-time fine-tuning (pmf, amt_ft); 0 = none
-    ft_steps: int = 50
-
-    def __post_init__(self) -> None:
-        checks = {
-            "beta": _number(self.beta) and self.beta >= 0,
-            "gamma": _number(self.gamma) and 0 <= self.gamma <= 1,
-            "top_k": _integer(self.top_k) and self.top_k >= 1,
-            "str_layers": self.str_layers in STR_LAYERS,
-            "str_ratio": _number(self.str_ratio) and 0 < self.str_ratio <= 1,
-            "lr": _number(self.lr) and self.lr >= 0,
-            "ft_steps": _integer(self.ft_steps) and self.ft_steps >= 0,
-        }
-        expected = {"beta": "a number >= 0", "gamma": "a number in [0, 1]",
-                    "top_k": "an int >= 1", "str_layers": f"one of {list(STR_LAYERS)}",
-                    "str_ratio": "a number in (0, 1]", "lr": "a number >= 0",
-                    "ft_steps": "an int >= 0"}
-        for key, ok in checks.items():
-            if not ok:
-                raise ValueError(f"hyperparameter {key}={getattr(self, key)!r}: expected "
-                                 f"{expected[key]}")
-
-    @classmethod
-    def from_dict(cls, values: dict, source: str) -> Hyper:
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"{source}: unknown hyperparameter(s) {unknown}; known: "
-                             f"{[f.name for f in fields(cls)]}")
-        try:
-            return cls(**values)
-        except ValueError as err:
-            raise ValueError(f"{source}: {err}") from err
-
-    @property
-    def trims(self) -> bool:
-        return self.str_layers != "none" and self.str_ratio < 1
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def load_selection(path: Path, model: Path) -> tuple[Hyper, list[str]]:
-    """A selection file (``python -m amt select``): its hyperparameters and which it selected.
-    It must have been selected for ``model`` (same SHA-256): another pool's choices would
-    apply silently."""
-    try:
-        document = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: not a readable selection JSON: {err}") from err
-    if not isinstance(document, dict) or document.get("format") != SELECTION_FORMAT:
-        raise UserError(f"{path}: not an {SELECTION_FORMAT!r} file")
-    selected = document.get("selected")
-    if not isinstance(selected, list):
-        raise UserError(f"{path}: 'selected' must list the hyperparameters it chose")
-    if document.get("model_sha256") != sha256(model):
-        raise UserError(f"{path}: selected for model {document.get('model')!r} (SHA-256 "
-                        f"{document.get('model_sha256')}), not for {model}; select again")
-    return Hyper.from_dict(document.get("hyperparameters", {}), str(path)), selected
-
-
-def read_selection(path: Path | None, method: str, model: Path) -> Hyper:
-    """The hyperparameters for ``method`` from a selection file, which must have selected every
-    one the method uses; None is fine for methods that use none."""
-    needed = TUNED[method]
-    if path is None:
-        if needed:
-            raise UserError(f"method {method} uses {list(needed)}: pass the JSON written by "
-                             "`python -m amt select` for this domain")
-        return Hyper()
-    hyper, selected = load_selection(path, model)
-    missing = [k for k in needed if k not in selected]
-    if missing:
-        raise UserError(f"{path}: selected {selected}; method {method} also needs {missing}")
-    return hyper
-
-
-def torch_generator(seed: int, *keys: int | str, device: torch.device | str = "cpu"
-                    ) -> torch.Generator:
-    """A torch generator fixed by (seed, *keys), whatever else ran before it."""
-    state = int(episode_rng(seed, *keys).integers(2**62))
-    return torch.Generator(device=device).manual_seed(state)
-
-
-# -- DiffAugment ----------------------------------------------------------------------------------
-def diff_augment(x: Tensor, generator: torch.Generator, prob: float = AUGMENT_PROB) -> Tensor:
-    """PMF's DiffAugment (Zhao et al. 2020) with types colour + translation on [n, C, H, W]:
-    with probability ``prob`` the whole batch is augmented: flipped horizontally with odds 1/2,
-    then per image brightness +U(-0.5, 0.5), saturation x U(0, 2), contrast x U(0.5, 1.5) and a
-    translation by up to 12.5% of the side with zero padding. Random draws come from
-    ``generator`` (a CPU generator: the same draws on any device)."""
-    coins = torch.rand(2, generator=generator)
-    if coins[0] >= prob:
-        return x
-    if coins[1] < 0.5:
-        x = x.flip(3)
-    n = len(x)
-    factors = torch.rand(3, n, 1, 1, 1, generator=generator).to(x.device, x.dtype)
-    x = x + (factors[0] - 0.5)
-    grey = x.mean(1, keepdim=True)
-    x = (x - grey) * (2 * factors[1]) + grey
-    mean = x.mean((1, 2, 3), keepdim=True)
-    x = (x - mean) * (factors[2] + 0.5) + mean
-    return _translate(x, generator)
-
-
-def _translate(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Shift each image by whole pixels (DiffAugment's rand_translation), zeros shifted in."""
-    n, _, h, w = x.shape
-    shifts = [torch.randint(-int(s * TRANSLATION + 0.5), int(s * TRANSLATION + 0.5) + 1, (n, 1),
-                            generator=generator).to(x.device) for s in (h, w)]
-    rows = (torch.arange(h, device=x.device) + shifts[0] + 1).clamp(0, h + 1)  # [n, h]
-    cols = (torch.arange(w, device=x.device) + shifts[1] + 1).clamp(0, w + 1)  # [n, w]
-    padded = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)  # [n, h + 2, w + 2, C]
-    batch = torch.arange(n, device=x.device)[:, None, None]
-    return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
-def augment_support(backbone: Backbone, x: Tensor, generator: torch.Generator) -> Tensor:
-    """One DiffAugment copy of [0, 1] images, augmented in the backbone's normalised space and
-    mapped back, so the backbone sees exactly PMF's augmented inputs."""
-    normalised = (x - backbone.mean) / backbone.std
-    return diff_augment(normalised, generator) * backbone.std + backbone.mean
-
-
-# -- STr ------------------------------------------------------------------------------------------
-def tall_stacks(weights: Iterable[Tensor]) -> Iterator[tuple[list[Tensor], Tensor, bool]]:
-    """The weights grouped by shape: (the group, its float32 stack oriented tall [G, long,
-    short], whether the weights are tall). ``w.mT @ w`` of the stack is the smaller Gram matrix
-    of each weight, batched the way STr decomposes them."""
-    groups: dict[tuple[int, ...], list[Tensor]] = {}
-    for w in weights:
-        groups.setdefault(tuple(w.shape), []).append(w)
-    for shape, group in groups.items():
-        tall = shape[0] >= shape[1]
-        stacked = torch.stack(group).float()
-        yield group, stacked if tall else stacked.mT, tall
-
-
-@torch.no_grad()
-def trim_(weights: Iterable[Tensor], ratio: float) -> None:
-    """Replace each matrix in place by its best rank-floor(ratio * min(out, in)) approximation.
-
-    For a tall W (out >= in) with V_k the top-k eigenvectors of W^T W, the truncated SVD is
-    W V_k V_k^T; wide matrices are handled transposed. One batched float32 eigendecomposition
-    per shape; when more than half the spectrum is kept the dropped tail is subtracted instead,
-    W - W V_t V_t^T, which needs fewer flops.
-    """
-    for group, w, tall in tall_stacks(weights):
-        shape = tuple(group[0].shape)
-        side, keep = min(shape), math.floor(ratio * min(shape))
-        if not 0 < ratio <= 1 or keep < 1:
-            raise ValueError(f"STr ratio {ratio}: expected (0, 1] keeping at least one of the "
-                             f"{side} singular values of a {shape[0]}x{shape[1]} weight")
-        if keep == side:
-            continue
-        with torch.autocast(w.device.type, enabled=False):
-            _, vectors = torch.linalg.eigh(w.mT @ w)  # ascending eigenvalues
-            if keep <= side // 2:
-                kept = vectors[..., side - keep:]
-                trimmed = (w @ kept) @ kept.mT
-            else:
-                tail = vectors[..., :side - keep]
-                trimmed = w - (w @ tail) @ tail.mT
-        for target, new in zip(group, trimmed if tall else trimmed.mT, strict=True):
-            target.copy_(new)
+from amt.registry import STR_LAYERS, MethodEntry, method_entry
+from amt.rows import SPECTRA_COLUMNS
+from amt.specs import Hyper
+from amt.trim import trim_
 
 
 # -- classifiers ----------------------------------------------------------------------------------
@@ -504,7 +276,7 @@ def tunable_tensors(backbone: Backbone) -> list[Tensor]:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Merge:
     """Which members an episode merges, with which weights."""
 
     members: tuple[int, ...]
@@ -518,27 +290,27 @@ SCORING_IMAGES = {"cpu": 64, "cuda": 1024}
 
 
 class PoolMethod(Method):
-    """The amt family over a LoRA pool; ``RECIPES[name]`` says how members combine."""
+    """The amt family over a LoRA pool; the registry entry says how members combine."""
 
     def __init__(self, pool: Pool, name: str, hyper: Hyper, device: torch.device, amp: bool,
                  seed: int) -> None:
         super().__init__(pool.backbone, device, amp, seed, pool.info["backbone"])
-        self.pool, self.name, self.recipe, self.hyper = pool, name, RECIPES[name], hyper
+        self.pool, self.name, self.entry, self.hyper = pool, name, method_entry(name), hyper
         self.layers = lora_layers(pool.backbone.vit)
         self.set_hyper(hyper)
         # W_res + B_p A_p once per pool, stacked per layer [P, out, in]: switching members is
         # then a pointer swap, and scoring runs every member in one grouped forward.
-        merged = [self._merged(Plan((p,), (1.0,))) for p in range(len(pool))]
+        merged = [self._merged(Merge((p,), (1.0,))) for p in range(len(pool))]
         self.stacked = {n: torch.stack([m[n] for m in merged]) for n in self.layers}
         del merged
         self.buffers = {n: torch.empty_like(layer.residual) for n, layer in self.layers.items()}
 
     def set_hyper(self, hyper: Hyper) -> None:
         """Change the hyperparameters (grid search) without rebuilding the member weights."""
-        k = self.recipe.top_k or hyper.top_k
-        if self.recipe.combine == "ttm" and k > len(self.pool):
+        k = self.entry.top_k or hyper.top_k
+        if self.entry.combine == "ttm" and k > len(self.pool):
             raise ValueError(f"{self.name}: top_k={k} but the pool has {len(self.pool)} members")
-        self.hyper, self.trimmed = hyper, self._str_layers(hyper) if self.recipe.trim else []
+        self.hyper, self.trimmed = hyper, self._str_layers(hyper) if self.entry.trim else []
 
     def _str_layers(self, hyper: Hyper) -> list[LoRALinear]:
         if not hyper.trims:
@@ -550,7 +322,7 @@ class PoolMethod(Method):
                              f"pool's LoRA layers {list(self.layers)[:4]}...")
         return chosen
 
-    def _merged(self, plan: Plan, out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def _merged(self, plan: Merge, out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         members = [self.pool.members[p] for p in plan.members]
         return {n: merged_weight(layer.residual,
                                  [[m.adapters[a] for a in layer.adapter_names] for m in members],
@@ -594,19 +366,19 @@ class PoolMethod(Method):
         return torch.stack([(own @ one_hot / counts).mean(-1),
                             (other @ one_hot / counts).mean(-1)], dim=-1)
 
-    def plan(self, scores: Tensor | None) -> Plan:
+    def plan(self, scores: Tensor | None) -> Merge:
         """The members and weights of this episode's merge (scores: from ``scores``)."""
         P = len(self.pool)
-        if self.recipe.combine != "ttm":
-            return Plan(tuple(range(P)), (1.0 / P,) * P)
+        if self.entry.combine != "ttm":
+            return Merge(tuple(range(P)), (1.0 / P,) * P)
         h = self.hyper
         intra, inter = scores.double().cpu().numpy().T
         score = h.gamma * intra - (1 - h.gamma) * inter
-        chosen = np.argsort(-score, kind="stable")[:self.recipe.top_k or h.top_k]
+        chosen = np.argsort(-score, kind="stable")[:self.entry.top_k or h.top_k]
         w = np.exp(h.beta * (score[chosen] - 1))
-        return Plan(tuple(int(p) for p in chosen), tuple(float(v) for v in w / w.sum()))
+        return Merge(tuple(int(p) for p in chosen), tuple(float(v) for v in w / w.sum()))
 
-    def head(self, plan: Plan) -> ProtoHead:
+    def head(self, plan: Merge) -> ProtoHead:
         """The weighted average of the chosen members' heads."""
         heads = [self.pool.heads[p] for p in plan.members]
         scale = sum(w * float(h.scale) for w, h in zip(plan.weights, heads, strict=True))
@@ -614,12 +386,12 @@ class PoolMethod(Method):
         return ProtoHead(scale, bias).requires_grad_(False).to(self.device)
 
     @contextmanager
-    def setup(self, xs: Tensor, ys: Tensor, index: int, plan: Plan | None = None
+    def setup(self, xs: Tensor, ys: Tensor, index: int, plan: Merge | None = None
               ) -> Iterator[ProtoHead]:
-        if self.recipe.combine == "logits":
+        if self.entry.combine == "logits":
             raise ValueError(f"{self.name} averages logits: it has no merged model")
         if plan is None:
-            plan = self.plan(self.scores(xs, ys, index) if self.recipe.combine == "ttm" else None)
+            plan = self.plan(self.scores(xs, ys, index) if self.entry.combine == "ttm" else None)
         self._use(self._merged(plan, out=self.buffers))
         try:
             if self.trimmed:
@@ -631,7 +403,7 @@ class PoolMethod(Method):
     @contextmanager
     def adapt(self, xs: Tensor, ys: Tensor, index: int, queries: Tensor | None = None,
               **options) -> Iterator[Adapted]:
-        if self.recipe.combine != "logits":
+        if self.entry.combine != "logits":
             with super().adapt(xs, ys, index, queries, **options) as adapted:
                 yield adapted
             return
@@ -654,26 +426,34 @@ class PoolMethod(Method):
 # -- building a method from files -----------------------------------------------------------------
 def load_method(name: str, model: Path, hyper: Hyper, device: torch.device, amp: bool = True,
                 seed: int = 0, backbone_checkpoint: Path | None = None) -> Method:
-    """``name`` over a pm/lora model file (pm, pmf, lora) or a pool file (the amt family)."""
-    if name not in METHODS:
-        raise ValueError(f"method {name!r}: expected one of {list(METHODS)}")
-    if name in ("pm", "pmf") and backbone_checkpoint is not None:
+    """``name`` (a registry method) over the file its entry reads: a pm or lora model file, or
+    a pool file."""
+    entry = method_entry(name)
+    if entry.trained == "pm" and backbone_checkpoint is not None:
         raise UserError(f"--backbone-checkpoint {backbone_checkpoint}: method {name} evaluates "
                         f"the full backbone stored in {model} and would ignore it; leave it out")
-    if name not in MODEL_METHODS:
-        method = PoolMethod(load_pool(model, device, backbone_checkpoint), name, hyper, device,
-                            amp, seed)
-        return FineTuned(method, hyper) if RECIPES[name].finetune else method
+    method = _pool_method(entry, model, hyper, device, amp, seed, backbone_checkpoint) \
+        if entry.pooled else _frozen_method(entry, model, device, amp, seed, backbone_checkpoint)
+    return FineTuned(method, hyper) if entry.finetune else method
+
+
+def _pool_method(entry: MethodEntry, model: Path, hyper: Hyper, device: torch.device, amp: bool,
+                 seed: int, backbone_checkpoint: Path | None) -> PoolMethod:
+    return PoolMethod(load_pool(model, device, backbone_checkpoint), entry.name, hyper, device,
+                      amp, seed)
+
+
+def _frozen_method(entry: MethodEntry, model: Path, device: torch.device, amp: bool, seed: int,
+                   backbone_checkpoint: Path | None) -> FrozenMethod:
     stored = load_tagged(Path(model), MODEL_FORMAT)
-    wanted = ("lora", "amt") if name == "lora" else ("pm",)
+    wanted = ("lora", "amt") if entry.trained == "lora" else (entry.trained,)
     if stored.get("method") not in wanted:
-        raise CheckpointError(f"{model}: a {stored.get('method')!r} model file; method {name} "
-                              f"needs a {' or '.join(wanted)} model file")
+        raise CheckpointError(f"{model}: a {stored.get('method')!r} model file; method "
+                              f"{entry.name} needs a {' or '.join(wanted)} model file")
     backbone, head = load_trained(Path(model), backbone_checkpoint, device)
-    if name == "lora":
+    if entry.trained == "lora":
         merge(backbone.vit)  # the adapter merged once: a plain frozen backbone from here on
-    method = FrozenMethod(backbone, head, device, amp, seed, stored["backbone"])
-    return FineTuned(method, hyper) if name == "pmf" else method
+    return FrozenMethod(backbone, head, device, amp, seed, stored["backbone"])
 
 
 # -- spectra --------------------------------------------------------------------------------------

@@ -9,27 +9,26 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_pool import make_pool, model_file, one_thread  # noqa: F401 - fixture
+from builders import make_pool, model_file
 
-from amt import adapt
-from amt.adapt import (
+from amt import methods
+from amt.attacks import pgd
+from amt.augment import augment_support, diff_augment
+from amt.devices import torch_generator
+from amt.lora import lora_layers, merge
+from amt.methods import (
     EmbeddingCache,
     FineTuned,
     FrozenMethod,
-    Hyper,
-    Plan,
+    Merge,
     PoolMethod,
-    augment_support,
-    diff_augment,
     load_method,
     merged_spectra,
-    torch_generator,
-    trim_,
 )
-from amt.attacks import pgd
-from amt.lora import lora_layers, merge
+from amt.models import load_trained
 from amt.pool import load_pool
-from amt.train import load_trained
+from amt.specs import Hyper
+from amt.trim import trim_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -87,7 +86,7 @@ def _direct_scores(folder: Path, xs, ys, z) -> np.ndarray:
     return np.array(rows)
 
 
-def _direct_merge(pool, layer_name: str, plan: Plan) -> torch.Tensor:
+def _direct_merge(pool, layer_name: str, plan: Merge) -> torch.Tensor:
     layer = lora_layers(pool.backbone.vit)[layer_name]
     blocks = []
     for block_name, block in zip(layer.adapter_names, layer.residual.split(layer.rows),
@@ -128,9 +127,9 @@ def test_ttm_scores_weights_merge_and_head_follow_the_formulas(pool_dir):
 def test_ablation_recipes_choose_their_members(pool_dir):
     xs, ys, _, _ = _episode()
     scores = torch.tensor([[0.9, 0.1], [0.5, 0.4], [0.95, 0.05]])  # scores .50, .14, .55
-    assert _pool_method(pool_dir, "amt_single_best").plan(scores) == Plan((2,), (1.0,))
+    assert _pool_method(pool_dir, "amt_single_best").plan(scores) == Merge((2,), (1.0,))
     for name in ("amt_weight_avg", "amt_no_ttm"):
-        assert _pool_method(pool_dir, name).plan(None) == Plan((0, 1, 2), (1 / 3,) * 3)
+        assert _pool_method(pool_dir, name).plan(None) == Merge((0, 1, 2), (1 / 3,) * 3)
     with pytest.raises(ValueError, match="top_k=4 but the pool has 3"):
         _pool_method(pool_dir, top_k=4)
     with pytest.raises(ValueError, match="no merged model"):
@@ -183,7 +182,7 @@ def test_amt_scores_every_member_in_one_forward_and_classifies_in_one(pool_dir, 
     sizes = _count_forwards(method.backbone)
     together = method.scores(xs, ys, 0)
     assert sizes == [3 * 2 * len(xs)]  # 3 members x [support; Z]
-    monkeypatch.setitem(adapt.SCORING_IMAGES, "cpu", 2 * 2 * len(xs))  # 2 members a call
+    monkeypatch.setitem(methods.SCORING_IMAGES, "cpu", 2 * 2 * len(xs))  # 2 members a call
     del sizes[:]
     torch.testing.assert_close(method.scores(xs, ys, 0), together)
     assert sizes == [2 * 2 * len(xs), 2 * len(xs)]
@@ -299,7 +298,7 @@ def test_mixed_precision_adapts_and_attacks(pool_dir, monkeypatch, name):
     xs, ys, xq, yq = _episode()
     with load_method(name, model, hyper, CPU, amp=True, seed=0).adapt(xs, ys, 0, xq) as plain:
         expected = plain.clean_logits
-    monkeypatch.setattr(adapt.devices, "autocast", lambda device, enabled=True: torch.autocast(
+    monkeypatch.setattr(methods.devices, "autocast", lambda device, enabled=True: torch.autocast(
         "cpu", dtype=torch.bfloat16, enabled=enabled))
     method = load_method(name, model, hyper, CPU, amp=True, seed=0)
     with method.adapt(xs, ys, 0, queries=xq) as adapted:

@@ -1,0 +1,161 @@
+"""Builders the tests share: small domain files written by the real writer, backbone, model and
+pool files as the jobs write them, stored episodes, and synthetic tidy results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from amt.backbones import build_backbone
+from amt.checkpoints import save_atomic, sha256
+from amt.episode_files import episode_meta, save_episodes
+from amt.episodes import FixedSampler, draw_episodes
+from amt.lora import adapter_parameters
+from amt.pool import assemble_pool
+from amt.rows import validate_results
+from amt.specs import PoolConfig, TrainConfig
+from amt.train import MetaTuner
+from data_prep.convert import ClassSpec, write_domain
+from data_prep.store import DomainStore
+
+RANK = 2
+CPU = torch.device("cpu")
+
+
+# -- domains and episodes -------------------------------------------------------------------------
+def split_domain(path: Path, splits: dict[str, int], images_per_class: int | list[int] = 4,
+                size: int = 12, superclasses: int = 0, seed: int = 0) -> Path:
+    """Write a small greyscale domain with the given number of classes per split."""
+    rng = np.random.default_rng(seed)
+    names = [(split, i) for split, n in splits.items() for i in range(n)]
+    counts = (images_per_class if isinstance(images_per_class, list)
+              else [images_per_class] * len(names))
+    classes = [
+        ClassSpec(
+            name=f"{split}_{i}",
+            split=split,
+            items=[rng.integers(0, 256, (size, size), dtype=np.uint8) for _ in range(count)],
+            superclass=f"group_{c % superclasses}" if superclasses else None,
+        )
+        for c, ((split, i), count) in enumerate(zip(names, counts, strict=True))
+    ]
+    write_domain(path, source="synthetic", converter_version="test", classes=classes,
+                 load=np.asarray)
+    return path
+
+
+def backbone_file(folder: Path, seed: int = 0) -> Path:
+    """A random tiny_vit backbone in the flat (DINO-like) layout."""
+    torch.manual_seed(seed)
+    path = folder / "tiny_backbone.pth"
+    torch.save(build_backbone("tiny_vit", None, 32).vit.state_dict(), path)
+    return path
+
+
+def model_file(folder: Path, backbone: Path, name: str, method: str = "amt",
+               budget: float = 4 / 255, seed: int = 0, noise: float = 0.3,
+               rank: int = RANK) -> Path:
+    """A model.pt as ``train`` writes it, with randomly moved adapters and head scale."""
+    config = TrainConfig(method=method, backbone="tiny_vit", backbone_checkpoint=str(backbone),
+                         rank=rank, budgets=[budget], seed=seed)
+    torch.manual_seed(seed)
+    tuner = MetaTuner(config, CPU)
+    with torch.no_grad():
+        for a, b in adapter_parameters(tuner.backbone.vit).values():
+            a.add_(noise * torch.randn_like(a))
+            b.add_(noise * torch.randn_like(b))
+        tuner.head.scale.fill_(8.0 + seed)
+    path = folder / f"{name}.pt"
+    save_atomic(tuner.model_file(sha256(backbone)), path)
+    return path
+
+
+def make_pool(folder: Path, members: int = 3, noise: float = 0.3) -> Path:
+    backbone = backbone_file(folder)
+    files = [model_file(folder, backbone, f"member{p}", budget=(p + 1) / 255, seed=p,
+                        noise=noise) for p in range(members)]
+    return assemble_pool(PoolConfig(files, folder / "pool.pt", "separate"))
+
+
+def template_domain(path: Path, classes: int = 5, per_class: int = 6, size: int = 16,
+                    seed: int = 0) -> Path:
+    """A greyscale domain of test classes: each class a random template, each image its
+    template plus noise. A random backbone separates the classes fairly (not perfectly)
+    through all its layers, so hyperparameters that damage the features show in the
+    accuracy."""
+    rng = np.random.default_rng(seed)
+    specs = []
+    for c in range(classes):
+        template = rng.integers(0, 256, (size, size)).astype(float)
+        items = [np.clip(template + rng.normal(0, 40, (size, size)), 0, 255).astype(np.uint8)
+                 for _ in range(per_class)]
+        specs.append(ClassSpec(name=f"class{c}", split="test", items=items))
+    write_domain(path, source="synthetic", converter_version="test", classes=specs,
+                 load=np.asarray)
+    return path
+
+
+def make_episodes(store_path: Path, out: Path, count: int = 2, ways: int = 5, shots: int = 1,
+                  queries: int = 2, seed: int = 0) -> Path:
+    store = DomainStore(store_path)
+    sampler = FixedSampler(ways=ways, shots=shots, queries=queries)
+    episodes = draw_episodes(store, "test", sampler, count, seed)
+    meta = episode_meta(store, domain="synthetic", split="test", sampler=sampler, seed=seed,
+                        count=count)
+    save_episodes(out, episodes, {**meta, "setting_name": f"{ways}w{shots}s"})
+    return out
+
+
+# -- tidy results ------------------------------------------------------------------------------
+BENCHMARKS = {"builtin": ["glyphs", "mnist", "digits", "animals"],
+              "bscd": ["src", "eurosat", "isic", "chestx"]}
+METHODS = {"pm": 0.0, "lora": 0.03, "amt": 0.08, "amt_no_ttm": 0.05, "amt_weight_avg": 0.04,
+           "amt_pool_uniform": 0.06}
+ROBUST = {"pm": 0.2, "lora": 0.3, "amt": 0.8, "amt_no_ttm": 0.7, "amt_weight_avg": 0.6,
+          "amt_pool_uniform": 0.75}
+CONDITIONS = [("none", "none", 0.0), ("pgd", "linf", 2 / 255), ("pgd", "linf", 4 / 255),
+              ("gaussian_noise", "corruption", 1.0), ("gaussian_noise", "corruption", 3.0),
+              ("contrast", "corruption", 1.0), ("contrast", "corruption", 3.0)]
+QUERIES = 75  # 5-way, 15 queries per class: accuracies are multiples of 1/75
+
+
+def _accuracy(base: float, method: str, condition: tuple, rng: np.random.Generator) -> float:
+    attack, norm, eps = condition
+    drop = {"none": 0.0, "linf": eps * 255 * 0.1, "corruption": eps * 0.05}[norm]
+    mean = base + METHODS[method] - drop * (1 - ROBUST[method])
+    return float(np.clip(np.round(rng.normal(mean, 0.08) * QUERIES) / QUERIES, 0, 1))
+
+
+def synthetic_results(episodes: int = 10, seed: int = 0) -> pd.DataFrame:
+    """2 benchmarks x 4 domains (the first in-domain), 6 methods, 2 settings, 7 conditions."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for benchmark, domains in BENCHMARKS.items():
+        for d, domain in enumerate(domains):
+            for setting, base in (("5w1s", 0.55), ("5w5s", 0.75)):
+                for method in METHODS:
+                    for condition in CONDITIONS:
+                        for episode in range(episodes):
+                            rows.append({
+                                "benchmark": benchmark, "domain": domain, "in_domain": d == 0,
+                                "backbone": "dino", "method": method, "setting": setting,
+                                "episode": episode, "attack": condition[0],
+                                "norm": condition[1], "eps": condition[2],
+                                "accuracy": _accuracy(base - 0.05 * d, method, condition, rng),
+                                "seed": 0, "config_hash": "abc123"})
+    return validate_results(pd.DataFrame(rows))
+
+
+def synthetic_spectra(layers: int = 3, rank: int = 12) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for domain in ("mnist", "eurosat"):
+        for method, decay in (("amt", 0.7), ("amt_no_str", 0.85), ("pm", 0.9)):
+            for layer in range(layers):
+                values = np.sort(rng.uniform(0.5, 1.5) * decay ** np.arange(rank))[::-1]
+                rows += [{"domain": domain, "method": method, "layer": f"blocks.{layer}.mlp.fc1",
+                          "index": i, "singular_value": v} for i, v in enumerate(values)]
+    return pd.DataFrame(rows)

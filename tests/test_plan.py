@@ -1,0 +1,141 @@
+"""The workflow's plan, tested directly: which jobs a config makes and what each one gets."""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from amt.plan import PATHS, Plan, mean_budget, path
+from amt.registry import METHODS
+from amt.specs import EvalConfig, SelectConfig, TrainConfig, from_json, to_json
+
+ROOT = Path(__file__).parents[1]
+DEFAULT = yaml.safe_load((ROOT / "config.yaml").read_text())
+PAPER = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
+
+
+def _plan(**train_amt) -> Plan:
+    config = copy.deepcopy(DEFAULT)
+    config["train"]["amt"].update(train_amt)
+    return Plan(config)
+
+
+def test_separate_members_train_at_one_budget_each_with_the_run_seed():
+    plan = _plan(budgets=["1/255", "2/255", "4/255"])
+    specs = [plan.member_spec("small_vit", "5w1s", "amt", "separate", i) for i in range(3)]
+    assert [s.budgets for s in specs] == [(1 / 255,), (2 / 255,), (4 / 255,)]
+    assert {s.seed for s in specs} == {DEFAULT["seed"]}
+
+
+def test_uniform_members_train_at_the_mean_budget_with_their_own_seeds():
+    plan = _plan(budgets=["1/255", "2/255", "4/255"], pool_strategies=["uniform"])
+    specs = [plan.member_spec("small_vit", "5w1s", "amt", "uniform", i) for i in range(3)]
+    assert all(s.budgets == (7 / 765,) for s in specs)  # (1 + 2 + 4) / 3 / 255, exactly
+    assert [s.seed for s in specs] == [DEFAULT["seed"] + i for i in range(3)]
+    assert mean_budget(["1/255", 0.5]) == (1 / 255 + 0.5) / 2
+
+
+def test_random_members_draw_from_every_budget():
+    plan = _plan(budgets=["1/255", "8/255"], pool_strategies=["random"])
+    spec = plan.member_spec("small_vit", "5w1s", "amt", "random", 1)
+    assert spec.budgets == (1 / 255, 8 / 255) and spec.seed == DEFAULT["seed"] + 1
+    assert {spec.episode_budget(i) for i in range(30)} == {1 / 255, 8 / 255}
+
+
+def test_members_get_the_pool_keys_and_baselines_do_not():
+    plan = _plan(attack_steps=4, apsv=False, lambda_adv=2.0)
+    member = plan.member_spec("small_vit", "5w1s", "amt", "separate", 0)
+    baseline = plan.baseline_spec("small_vit", "5w1s", "lora")
+    assert (member.attack_steps, member.apsv, member.lambda_adv) == (4, False, 2.0)
+    assert (baseline.method, baseline.attack_steps) == ("lora", TrainConfig.attack_steps)
+    for spec in (member, baseline):
+        assert spec.backbone_checkpoint == path("backbone", backbone="small_vit")
+        assert (spec.epochs, spec.lr) == (DEFAULT["train"]["epochs"], DEFAULT["train"]["lr"])
+        assert spec.setting == DEFAULT["settings"]["5w1s"]
+
+
+@pytest.mark.parametrize(("method", "artefact"), [
+    ("pm", "pm/model.pt"), ("pmf", "pm/model.pt"), ("lora", "lora/model.pt"),
+    ("amt", "amt_separate/pool.pt"), ("amt_ft", "amt_separate/pool.pt"),
+    ("amt_pool_uniform", "amt_uniform/pool.pt"), ("amt_pool_random", "amt_random/pool.pt"),
+])
+def test_each_method_reads_its_trained_artefact(method, artefact):
+    plan = Plan(PAPER)
+    assert plan.trained_artefact("dino_vits16", "5w1s", method) == \
+        f"results/models/dino_vits16/5w1s/{artefact}"
+
+
+def test_amt_ft_chains_to_amts_selection():
+    plan = Plan(PAPER)
+    where = ("dino_vits16", "5w5s", "cub")
+    spec = plan.select_spec(*where, "amt_ft")
+    assert str(spec.base_selection) == "results/selection/dino_vits16/5w5s/cub/amt.json"
+    assert plan.base_selection(*where, "pmf") is None
+    assert plan.eval_spec(*where, "amt_ft").selection == \
+        Path("results/selection/dino_vits16/5w5s/cub/amt_ft.json")
+    assert plan.eval_spec(*where, "pm").selection is None
+
+
+def test_evaluation_specs_carry_the_configs_threat_model_and_episodes():
+    plan = Plan(DEFAULT)
+    spec = plan.eval_spec("small_vit", "5w1s", "glyphs", "amt")
+    assert spec.in_domain and spec.benchmark == "builtin" and spec.setting_name == "5w1s"
+    assert spec.episodes == Path(path("episodes", domain="glyphs", kind="test", setting="5w1s"))
+    assert spec.attacks[0].eps == (1 / 255, 4 / 255) and spec.sanity.large_eps == 64 / 255
+    assert spec.out == Path(path("rows", backbone="small_vit", setting="5w1s", domain="glyphs",
+                                 method="amt"))
+    assert not plan.eval_spec("small_vit", "5w1s", "mnist", "amt").in_domain
+
+
+@pytest.mark.parametrize("cls_and_job", ["train", "select", "eval"])
+def test_specs_round_trip_through_the_json_the_rules_pass(cls_and_job):
+    plan = Plan(PAPER)
+    spec = {"train": lambda: plan.member_spec("ibot_vits16", "5w5s", "amt", "random", 2),
+            "select": lambda: plan.select_spec("dino_vits16", "5w1s", "isic", "amt_ft"),
+            "eval": lambda: plan.eval_spec("deit_vits16", "5w1s", "chestx", "amt")}[cls_and_job]()
+    cls = {"train": TrainConfig, "select": SelectConfig, "eval": EvalConfig}[cls_and_job]
+    assert from_json(cls, to_json(spec)) == spec
+
+
+def test_spectra_are_declared_for_the_merging_methods_of_the_first_backbone_and_setting():
+    plan = Plan(DEFAULT)
+    spectra = plan.spectra_files()
+    assert spectra and all("/small_vit/5w1s/" in p for p in spectra)
+    assert {Path(p).name.removesuffix(".spectra.csv") for p in spectra} == \
+        {m for m in DEFAULT["evaluate"]["methods"] if METHODS[m].merges}
+
+
+def test_every_path_template_is_used_by_a_rule_or_the_plan():
+    rules = "".join(p.read_text() for p in (ROOT / "rules").glob("*.smk"))
+    plan_code = (ROOT / "amt" / "plan.py").read_text()
+    outside_table = plan_code[plan_code.index("JOB_NAMES"):]
+    unused = [name for name in PATHS if f'"{name}"' not in rules + outside_table]
+    assert unused == []
+
+
+def test_the_plan_counts_the_jobs_of_snakemakes_dag(tmp_path):
+    """The plan's job counts are the DAG's (so the paper config's header and a dry run's
+    summary can come from the plan): rule by rule, for the default config."""
+    run = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "-d",
+                          str(tmp_path), "-s", str(ROOT / "Snakefile")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    dag = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", run.stdout, re.M)
+           if m[1] != "total"}
+    counts = Plan(DEFAULT).job_counts()
+    converts = {rule: n for rule, n in dag.items() if rule.startswith("convert_")}
+    assert sum(converts.values()) == counts.pop("convert")
+    assert {rule: n for rule, n in dag.items() if rule not in converts} == \
+        {rule: n for rule, n in counts.items() if n}
+
+
+def test_the_paper_configs_header_states_its_job_count():
+    header = (ROOT / "configs" / "paper.yaml").read_text().split("\n\n")[0]
+    stated = int(re.search(r"The DAG has ([\d,]+) jobs", header)[1].replace(",", ""))
+    assert sum(Plan(PAPER).job_counts().values()) == stated
