@@ -12,8 +12,8 @@
 #   bench/gpu_check.sh [--cpu] [OUT.json]
 #
 # OUT.json defaults to $OUT/gpu_check.json when $OUT is set, else bench/gpu_check.json. Without
-# a GPU (or with --cpu) it runs a reduced mode on the CPU in about a minute (tiny_vit, few
-# episodes; the CUDA tests skip) that exercises every step: CI runs it so that it cannot rot.
+# a GPU (or with --cpu) it runs a reduced mode on the CPU in 1-2 minutes on 2 cores (tiny_vit,
+# few episodes; the CUDA tests skip) that exercises every step: CI runs it so that it cannot rot.
 # A step that fails or overruns its time limit is recorded and the others still run; the exit
 # status is non-zero if any failed.
 set -uo pipefail
