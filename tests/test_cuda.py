@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_methods import _episode
-from test_methods import pool_dir as pool_dir  # the module-scoped fixture, shared
-from test_train import Episodes, _config
+from builders import Episodes, colour_episode, train_config
 
 from amt import devices
 from amt.attacks import pgd
@@ -33,8 +31,8 @@ def _step(tuner: MetaTuner, lr: float):
 def test_bfloat16_step_trains_float32_parameters_on_cuda(method):
     """amt here is APQ (PGD on the queries) and APSV, as TrainConfig's defaults have it."""
     torch.manual_seed(0)
-    mixed = MetaTuner(_config(None, method=method), CUDA)
-    reference = MetaTuner(_config(None, method=method, amp=False), CUDA)
+    mixed = MetaTuner(train_config(None, method=method), CUDA)
+    reference = MetaTuner(train_config(None, method=method, amp=False), CUDA)
     reference.load_trainable_state({n: p.detach().clone() for n, p in mixed.params.items()},
                                    Path("-"))
     before = {n: p.detach().clone() for n, p in mixed.params.items()}
@@ -56,7 +54,7 @@ def test_bfloat16_methods_adapt_and_are_attacked_on_cuda(pool_dir, name):
     on CUDA; logits stay float32 and agree with the float32 run on the same GPU."""
     model = pool_dir / {"pm": "pm.pt", "pmf": "pm.pt", "lora": "member0.pt"}.get(name, "pool.pt")
     hyper = Hyper(lr=1e-2, ft_steps=2, str_layers="all", str_ratio=0.5)
-    xs, ys, xq, yq = (t.to(CUDA) for t in _episode())
+    xs, ys, xq, yq = (t.to(CUDA) for t in colour_episode())
     plain = load_method(name, model, hyper, CUDA, amp=False, seed=0)
     with plain.adapt(xs, ys, 0, queries=xq) as adapted:
         expected = adapted.clean_logits
