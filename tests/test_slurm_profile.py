@@ -48,9 +48,12 @@ for n, line in enumerate(log.read_text().splitlines() if log.exists() else [], 1
     "squeue": "#!/bin/sh\nexit 0\n",
 }
 
-EVAL = "results/eval/small_vit/5w1s/glyphs"
+EVAL = "results/eval/small_vit/5w1s/{domain}/lora.csv"  # lora: rule evaluate_merged
 MEMBER0 = "results/models/small_vit/5w1s/amt_separate/member0/model.pt"
-FIRST_WAVE = ["results/data/digits.h5", MEMBER0, f"{EVAL}/pm.csv", f"{EVAL}/lora.csv"]
+# The runs, in order, each on outputs deleted just before it (its inputs all in place): the
+# report; two evaluations (one array); a conversion and a pool member's training, with retries.
+WAVES = [["results/tables"], [EVAL.format(domain="glyphs"), EVAL.format(domain="digits")],
+         ["results/data/digits.h5", MEMBER0]]
 
 
 def snakemake(*args: str, workdir: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -83,8 +86,7 @@ def make_outputs(workdir: Path, env: dict[str, str]) -> None:
 
 @pytest.fixture(scope="module")
 def submissions(tmp_path_factory) -> dict[str, list[list[str]]]:
-    """rule -> the sbatch argument lists of its submissions, over two runs: the report, then
-    convert, a pool member's training and two evaluations (an array)."""
+    """rule -> the sbatch argument lists of its submissions over the runs of WAVES."""
     pytest.importorskip("snakemake_executor_plugin_slurm")
     root = tmp_path_factory.mktemp("slurm")
     bin_dir, workdir, site = root / "bin", root / "work", root / "site"
@@ -106,10 +108,10 @@ def submissions(tmp_path_factory) -> dict[str, list[list[str]]]:
     on_cluster = ("--workflow-profile", str(REPO / "profiles" / "slurm"), "--profile", str(site),
                   "--slurm-init-seconds-before-status-checks", "1",
                   "--seconds-between-status-checks", "1", "--latency-wait", "1")
-    # The report first, while every input of it is in place, and once (its retries would add
-    # the plugin's growing status-check intervals); then the first wave, whose failed jobs leave
-    # their outputs missing, with the profile's retries.
-    for targets, retries in ((["results/tables"], ("--retries", "0")), (FIRST_WAVE, ())):
+    # The profile's retries for the last wave only: the plugin's status-check intervals grow
+    # with every retry.
+    for i, targets in enumerate(WAVES):
+        retries = () if i == len(WAVES) - 1 else ("--retries", "0")
         for target in targets:
             path = workdir / target
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -123,7 +125,8 @@ def submissions(tmp_path_factory) -> dict[str, list[list[str]]]:
         comment = args[args.index("--comment") + 1]  # rule_<name>[_wildcards_<values>]
         rule = comment.removeprefix("rule_").split("_wildcards_")[0]
         by_rule.setdefault(rule, []).append(args)
-    print("\n".join(shlex.join(["sbatch", *a[:a.index("-D")]]) for a in lines))
+    print("\n".join(shlex.join(["sbatch", *(x for x in a if not x.startswith("--wrap")),
+                                 "--wrap=..."]) for a in lines))
     return by_rule
 
 
@@ -147,19 +150,19 @@ def test_cpu_rules_go_to_the_cpu_partition_sized_by_threads(submissions, rule):
     assert option(first, "--cpus-per-task") == threads
 
 
-@pytest.mark.parametrize("rule", ["train_amt_member", "evaluate"])
+@pytest.mark.parametrize("rule", ["train_amt_member", "evaluate_merged"])
 def test_gpu_rules_go_to_the_gpu_partition_with_cpus_per_gpu(submissions, rule):
     first = submissions[rule][0]
     assert option(first, "-p") == "gpu"
     assert option(first, "--gpus") == "1" or option(first, "--gres") == "gpu:1"
-    threads = {"train_amt_member": "8", "evaluate": "4"}[rule]  # profiles/slurm set-threads
+    threads = {"train_amt_member": "8", "evaluate_merged": "4"}[rule]  # profiles/slurm
     assert option(first, "--cpus-per-gpu") == threads
     assert option(first, "--cpus-per-task") is None
     assert "device=cuda" in option(first, "--wrap")
 
 
-def test_evaluate_is_submitted_as_one_array(submissions):
-    (array, *retries) = submissions["evaluate"]
+def test_evaluations_are_submitted_as_one_array(submissions):
+    (array, *retries) = submissions["evaluate_merged"]
     first, last = map(int, option(array, "--array").split("-"))
     assert last - first + 1 == 2  # the two evaluations of FIRST_WAVE, as one array
 
