@@ -15,6 +15,7 @@ from amt.episode_files import episode_meta, save_episodes
 from amt.episodes import FixedSampler, draw_episodes
 from amt.lora import adapter_parameters
 from amt.pool import assemble_pool
+from amt.registry import LORA_TARGETS
 from amt.rows import validate_results
 from amt.specs import PoolConfig, TrainConfig
 from amt.train import MetaTuner
@@ -78,6 +79,27 @@ def make_pool(folder: Path, members: int = 3, noise: float = 0.3) -> Path:
     files = [model_file(folder, backbone, f"member{p}", budget=(p + 1) / 255, seed=p,
                         noise=noise) for p in range(members)]
     return assemble_pool(PoolConfig(files, folder / "pool.pt", "separate"))
+
+
+def release_state(backbone: str = "dino_vits16", image_size: int = 224, experts: int = 4,
+                  rank: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A test model's state dict in the layout of the authors' release (ProtoNetMerge over
+    vit_small_amt_merge): random ViT weights under backbone.model. (the adapted layers' weight
+    playing W_res), ``experts`` random rank-``rank`` adapters per adapted layer as
+    lora_A.<i> [groups r, in] / lora_B.<i> [out, r] (qkv: 3 groups), one head."""
+    torch.manual_seed(seed)
+    vit = build_backbone(backbone, None, image_size).vit
+    state = {f"backbone.model.{k}": v for k, v in vit.state_dict().items()}
+    for name, module in vit.named_modules():
+        if not name.endswith(LORA_TARGETS):
+            continue
+        out_features, in_features = module.weight.shape
+        groups = 3 if name.endswith("qkv") else 1
+        for i in range(experts):
+            state[f"backbone.model.{name}.lora_A.{i}"] = \
+                0.1 * torch.randn(groups * rank, in_features)
+            state[f"backbone.model.{name}.lora_B.{i}"] = 0.1 * torch.randn(out_features, rank)
+    return {"bias": torch.tensor([0.05]), "scale_cls": torch.tensor([12.5]), **state}
 
 
 def template_domain(path: Path, classes: int = 5, per_class: int = 6, size: int = 16,
