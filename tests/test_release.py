@@ -5,13 +5,20 @@ files the import must refuse."""
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
+import subprocess
+import sys
 
+import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from builders import release_state
+import yaml
+from builders import backbone_file, release_state
+from PIL import Image
 from timm.scheduler import create_scheduler_v2
 
 from amt.__main__ import main
@@ -25,6 +32,7 @@ from amt.specs import Hyper, ImportConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+ROOT = pathlib.Path(__file__).parents[1]
 PREFIX = "backbone.model."
 CHOSEN = Merge((2, 0), (0.7, 0.3))  # experts 2 and 0, as TTM's top 2 with these weights
 
@@ -213,3 +221,60 @@ def test_the_merge_models_copies_of_unmerged_weights_are_dropped(tmp_path):
     assert not any(k.endswith("ori_weight") for k in backbone)
     assert len(load_pool(pool)) == 2
 
+
+# -- the workflow ---------------------------------------------------------------------------------
+def _image_folder(root: pathlib.Path, classes: int, per_class: int) -> pathlib.Path:
+    """Class folders of random 16 px PNGs (each class a template plus noise)."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        template = rng.integers(0, 256, (16, 16, 3))
+        for i in range(per_class):
+            pixels = np.clip(template + rng.normal(0, 30, template.shape), 0, 255)
+            (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def _workflow_config(tmp_path: pathlib.Path) -> dict:
+    """configs/ci.yaml cut to one image-folder domain (5 train, 5 test classes), a tiny_vit
+    backbone file with a synthetic release for 5w1s, pm trained and evaluated beside it."""
+    config = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
+    raw = _image_folder(tmp_path / "tiles", classes=10, per_class=6)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": [f"class{c}" for c in range(5)],
+                                 "test": [f"class{c}" for c in range(5, 10)]}))
+    release = tmp_path / "metadataset_imagenet_advmetatuned_5w1s.pth"
+    torch.save({"model": release_state("tiny_vit", 32, rank=2), "epoch": 3,
+                "args": argparse.Namespace(arch="tiny")}, release)
+    config["domains"] = {"tiles": {"source": "image_folder", "raw": str(raw),
+                                   "options": {"split_file": str(split)}}}
+    config["backbones"] = {"tiny_vit": {"checkpoint": str(backbone_file(tmp_path)),
+                                        "release": {"5w1s": str(release)}}}
+    config["train"].update(sources=["tiles"], backbones=["tiny_vit"], methods=["pm"],
+                           episodes_per_epoch=2)
+    del config["train"]["amt"]
+    config["evaluate"].update(
+        targets=["tiles"], methods=["pm", "amt_release"], references=["pm"],
+        grids={"amt_release": {"beta": [1], "gamma": [0.6],
+                               "str": ["none", {"layers": "fc1", "ratio": 0.5}]}})
+    return config
+
+
+def test_the_workflow_imports_and_evaluates_the_release_beside_its_own_methods(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(_workflow_config(tmp_path)))
+    run = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile",
+                          str(config), "-d", str(tmp_path / "run"), "-s", str(ROOT / "Snakefile")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = tmp_path / "run" / "results"
+    where = "tiny_vit/5w1s/tiles/amt_release"
+    rows = pd.read_csv(results / "eval" / f"{where}.csv")
+    assert set(rows.attack) >= {"none", "pgd", "contrast"} and set(rows.backbone) == {"tiny_vit"}
+    assert (results / "eval" / f"{where}.sanity.json").is_file()
+    assert (results / "eval" / f"{where}.spectra.csv").is_file()
+    assert (results / "eval" / "tiny_vit/5w1s/tiles/pm.csv").is_file()
+    assert json.loads((results / "selection" / f"{where}.json").read_text())
+    log = (results / "logs" / "import_release" / "tiny_vit_5w1s.log").read_text()
+    assert "4 experts of rank 2 on tiny_vit (epoch 3)" in log
+    assert "The authors' released AMT pool" in (results / "tables" / "tables.md").read_text()
