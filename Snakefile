@@ -38,6 +38,7 @@ include: "rules/data.smk"
 include: "rules/episodes.smk"
 include: "rules/backbones.smk"
 include: "rules/train.smk"
+include: "rules/release.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 

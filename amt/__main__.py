@@ -20,6 +20,7 @@ COMMANDS = {  # command -> (its module, one line of help)
     "pretrain": ("amt.pretrain", "supervised pretraining of the built-in backbone"),
     "train": ("amt.train", "meta-tune a backbone (pm, lora or amt)"),
     "pool": ("amt.pool", "assemble meta-tuned adapters into one LoRA pool"),
+    "import-release": ("amt.release", "convert the authors' released AMT checkpoint into a pool"),
     "select": ("amt.select", "per-domain hyperparameter grid search on validation episodes"),
     "evaluate": ("amt.evaluate", "clean, adversarial and corruption accuracy of one job"),
     "report": ("amt.report", "tables and figures from the tidy results"),

@@ -9,7 +9,9 @@ is refused. Two tagged formats:
 - ``amt-model``: a finished model file (``model.pt``); its ``method`` says what it holds:
   ``pretrain`` and ``pm`` a full backbone (``backbone_state``, timm keys), ``lora`` and ``amt``
   adapters only (``lora``) to be applied to the backbone file recorded in it; all but
-  ``pretrain`` also the ProtoNet ``head``.
+  ``pretrain`` also the ProtoNet ``head``. ``release``: the ViT of the authors' released
+  checkpoint, its adapted layers holding their residual W_res (``amt.release``), read through
+  the pool that records it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import pickle
 import platform
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,22 +76,28 @@ def write_json_atomic(data: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_file(path: Path, published: str | None = None) -> Any:
+def load_file(path: Path, published: str | None = None, allowed: Sequence[type] = ()) -> Any:
     """``torch.load(path, weights_only=True)`` onto the CPU, with errors that name the file.
 
     ``published`` (where an official file can be downloaded) is added to the missing-file error.
+    ``allowed``: plain-data classes a foreign file may hold besides tensors and containers
+    (``argparse.Namespace`` in the authors' checkpoints); they are rebuilt from their attribute
+    values alone, which are held to the same rules.
     """
     path = Path(path)
     if not path.is_file():
         hint = f"; the official file is published at {published}" if published else ""
         raise CheckpointError(f"{path}: no such file{hint}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        kinds = ["tensors", "plain containers",
+                 *(f"{cls.__module__}.{cls.__qualname__}" for cls in allowed)]
         raise CheckpointError(
             f"{path}: refused: it holds non-tensor objects (pickled code or classes) or is not "
-            "a torch file; only tensors and plain containers are loaded, and nothing in a "
-            f"file is executed ({_unpickling_detail(err)})") from None
+            f"a torch file; only {', '.join(kinds[:-1])} and {kinds[-1]} are loaded, and "
+            f"nothing in a file is executed ({_unpickling_detail(err)})") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable torch file (truncated?): {err}") from err
 

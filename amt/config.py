@@ -16,7 +16,7 @@ import yaml
 from amt import registry
 from amt.episodes import FixedSampler, sampler_from_setting
 from amt.plan import DEFAULT_STRATEGIES, Plan, path
-from amt.registry import METHODS, backbone_entry, parse_budget
+from amt.registry import METHODS, RELEASE_PUBLISHED, backbone_entry, parse_budget
 from amt.specs import CorruptionSpec, SanitySpec, build, grid_points, parse_attacks
 from data_prep.sources import FETCHED, SELF_CONTAINED, SOURCES, source_module
 
@@ -152,6 +152,8 @@ def check_config(config: dict) -> None:
         if "pretrain" in spec:
             _check_names("domains", f"backbones.{name}.pretrain.domain",
                          [spec["pretrain"]["domain"]], list(domains))
+        _check_names("settings", f"backbones.{name}.release", list(spec.get("release", {})),
+                     settings)
     _check_names("domains", "train.sources", train["sources"], list(domains))
     _check_names("backbones", "train.backbones", train["backbones"], list(backbones))
     _check_names("settings", "train.settings", train["settings"], settings)
@@ -163,6 +165,7 @@ def check_config(config: dict) -> None:
                  config["evaluate"]["settings"], train["settings"])
     _check_grids(config["evaluate"])
     _check_trained(config["evaluate"], train)
+    _check_release(config)
     _parse_values(config)
 
 
@@ -208,6 +211,8 @@ def _check_trained(evaluate: dict, train: dict) -> None:
     strategies = train.get("amt", {}).get("pool_strategies", list(DEFAULT_STRATEGIES))
     for method in evaluate["methods"]:
         entry = METHODS[method]
+        if entry.released:
+            continue  # imported, not trained: _check_release
         if entry.trained not in train["methods"]:
             raise ConfigError(f"config key evaluate.methods: {method} reads the "
                               f"{entry.trained!r} models; add it to train.methods (now "
@@ -216,6 +221,19 @@ def _check_trained(evaluate: dict, train: dict) -> None:
             raise ConfigError(f"config key evaluate.methods: {method} needs the "
                               f"{entry.strategy!r} pool; add it to train.amt.pool_strategies "
                               f"(now {strategies})")
+
+
+def _check_release(config: dict) -> None:
+    """A method over the authors' released pool needs its checkpoint for some trained backbone
+    and evaluated setting (it is evaluated wherever one is given)."""
+    released = [m for m in config["evaluate"]["methods"] if METHODS[m].released]
+    given = [(b, s) for b in config["train"]["backbones"] for s in config["evaluate"]["settings"]
+             if s in config["backbones"][b].get("release", {})]
+    if released and not given:
+        raise ConfigError(f"config key evaluate.methods: {released[0]} evaluates the authors' "
+                          "released pool; give its checkpoint as backbones.<backbone>.release."
+                          "<setting> for a backbone in train.backbones and a setting in "
+                          f"evaluate.settings (published in {RELEASE_PUBLISHED})")
 
 
 def _check_grids(evaluate: dict) -> None:
@@ -295,8 +313,9 @@ def check_episode_sizes(plan: Plan) -> None:
 # -- input files ----------------------------------------------------------------------------------
 def check_inputs(plan: Plan) -> None:
     """One error listing every user-supplied input that is missing where a job needs it: raw
-    folders of domains not yet converted, their split and checksum files, and the official
-    checkpoints of backbones with models still to train."""
+    folders of domains not yet converted, their split and checksum files, the official
+    checkpoints of backbones with models still to train, and the authors' released checkpoints
+    not yet imported."""
     config, missing = plan.config, []
     for name, spec in config["domains"].items():
         if Path(path("store", domain=name)).exists():
@@ -312,6 +331,11 @@ def check_inputs(plan: Plan) -> None:
         trained = all(Path(model).exists() for model in plan.backbone_models(name))
         if file and not Path(file).exists() and not trained:
             missing.append(_checkpoint_entry(name, file))
+    for job in plan.releases():
+        file = plan.release_checkpoint(**job)
+        if not Path(file).exists() and not Path(path("release_pool", **job)).exists():
+            missing.append(f"backbones.{job['backbone']}.release.{job['setting']}: {file} does "
+                           f"not exist\n  published in {RELEASE_PUBLISHED}")
     if missing:
         raise ConfigError(f"{len(missing)} inputs are missing; nothing was planned or run. "
                           "Put them in place or change the paths in the config:\n\n"

@@ -6,7 +6,9 @@ its own rank-r adapter from the top r singular triplets of its rows W_j = U S V^
 A_j = diag(sqrt S_r) V_r^T, B_j = U_r diag(sqrt S_r), and the frozen base becomes the residual
 W_res,j = W_j - B_j A_j, so at initialisation the network is unchanged. The top triplets are
 computed in float64 on the CPU (whatever the training device), so every run on the same backbone
-file gets the same residual: a pool of adapters trained separately shares one W_res.
+file gets the same residual: a pool of adapters trained separately shares one W_res. A backbone
+whose weights already are residuals (the authors' released pool, ``amt.release``) is injected
+with ``residual="stored"``: W_res = W as stored, and zero adapters.
 
 Adapters are addressed by name (``blocks.3.attn.qkv.k``, ``blocks.3.mlp.fc1``). A ``LoRAState``
 holds the adapter tensors only, saved apart from the backbone. ``merge`` writes
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from amt.registry import LORA_TARGETS
 
 FUSED_BLOCKS = {"qkv": ("q", "k", "v")}  # layer name -> output blocks with their own adapter
+RESIDUALS = ("svd", "stored")  # W_res = W - (top-r of W), or W as stored
 
 Adapter = tuple[Tensor, Tensor]  # (A [r, in], B [out_block, r])
 
@@ -66,14 +69,17 @@ def trim_singular_values(weight: Tensor, ratio: float) -> Tensor:
 class LoRALinear(nn.Module):
     """A frozen linear layer on its SVD residual plus one trainable adapter per output block."""
 
-    def __init__(self, base: nn.Linear, name: str, rank: int, blocks: Sequence[str]) -> None:
+    def __init__(self, base: nn.Linear, name: str, rank: int, blocks: Sequence[str],
+                 residual: str = "svd") -> None:
         super().__init__()
         out_features, in_features = base.weight.shape
         rows = out_features // len(blocks)
         if rows * len(blocks) != out_features or not 1 <= rank <= min(rows, in_features):
             raise ValueError(f"{name}: cannot give {len(blocks)} output block(s) of its "
                              f"{out_features}x{in_features} weight a rank-{rank} adapter")
-        parts = [svd_init(w, rank) for w in base.weight.detach().split(rows)]
+        weights = base.weight.detach().split(rows)
+        parts = [svd_init(w, rank) for w in weights] if residual == "svd" else \
+            [(w.clone(), w.new_zeros(rank, in_features), w.new_zeros(rows, rank)) for w in weights]
         self.rows = rows  # output rows per block
         self.adapter_names = tuple(name if len(blocks) == 1 else f"{name}.{b}" for b in blocks)
         self.register_buffer("residual", torch.cat([res for res, _, _ in parts]))
@@ -209,10 +215,13 @@ def adapter_parameters(model: nn.Module) -> dict[str, tuple[nn.Parameter, nn.Par
             for name, pair in zip(layer.adapter_names, layer.adapters(), strict=True)}
 
 
-def inject_lora(model: nn.Module, rank: int = 8, targets: Sequence[str] = LORA_TARGETS
-                ) -> LoRAState:
+def inject_lora(model: nn.Module, rank: int = 8, targets: Sequence[str] = LORA_TARGETS,
+                residual: str = "svd") -> LoRAState:
     """Freeze ``model`` and replace each nn.Linear whose name is or ends with a target by a
-    LoRALinear (its residual holds W_res). Returns the initial (principal) adapters."""
+    LoRALinear (its residual holds W_res: ``residual`` one of RESIDUALS). Returns the initial
+    adapters (principal; zero for stored residuals)."""
+    if residual not in RESIDUALS:
+        raise ValueError(f"residual {residual!r}: expected one of {list(RESIDUALS)}")
     if lora_layers(model):
         raise ValueError(f"{type(model).__name__} already has LoRA adapters")
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -229,7 +238,8 @@ def inject_lora(model: nn.Module, rank: int = 8, targets: Sequence[str] = LORA_T
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             blocks = FUSED_BLOCKS.get(child, ("",))
-            setattr(parent, child, LoRALinear(getattr(parent, child), name, rank, blocks))
+            setattr(parent, child,
+                    LoRALinear(getattr(parent, child), name, rank, blocks, residual))
     return get_state(model)
 
 

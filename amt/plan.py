@@ -17,6 +17,7 @@ from amt.registry import METHODS, TRAINED, parse_budget
 from amt.specs import (
     EpisodesConfig,
     EvalConfig,
+    ImportConfig,
     PoolConfig,
     PretrainConfig,
     SelectConfig,
@@ -44,6 +45,8 @@ PATHS = {
     "member_log": f"{MEMBER}/train_log.csv",
     "member_manifest": f"{MEMBER}/manifest.json",
     "pool": f"{MODELS}/{{backbone}}/{{setting}}/{{trained}}_{{strategy}}/pool.pt",
+    "release_pool": f"{MODELS}/{{backbone}}/{{setting}}/release/pool.pt",
+    "release_backbone": f"{MODELS}/{{backbone}}/{{setting}}/release/backbone.pt",
     "selection": f"{RESULTS}/selection/{{backbone}}/{{setting}}/{{domain}}/{{method}}.json",
     "rows": f"{EVAL}.csv",
     "sanity": f"{EVAL}.sanity.json",
@@ -61,6 +64,7 @@ JOB_NAMES = {
     "train_baseline": "{backbone}_{setting}_{trained}",
     "train_amt_member": "{backbone}_{setting}_{trained}_{strategy}_member{member}",
     "assemble_pool": "{backbone}_{setting}_{trained}_{strategy}",
+    "import_release": "{backbone}_{setting}",
     "select_hyperparameters": "{backbone}_{setting}_{domain}_{method}",
     "evaluate": "{backbone}_{setting}_{domain}_{method}",
     "report": "report",
@@ -223,11 +227,34 @@ class Plan:
                           out=path("pool", backbone=backbone, setting=setting, trained=trained,
                                    strategy=strategy), strategy=strategy)
 
+    # -- the authors' released pool -------------------------------------------------------------
+    def release_checkpoint(self, backbone: str, setting: str) -> str | None:
+        """The authors' checkpoint meta-tuned from ``backbone`` for ``setting``, if configured
+        (backbones.<backbone>.release.<setting>)."""
+        return self.config["backbones"][backbone].get("release", {}).get(setting)
+
+    def releases(self) -> list[dict[str, str]]:
+        """The wildcards of every import: the released pools an evaluated method reads."""
+        jobs = []
+        for job in self.evaluations():
+            release = {"backbone": job["backbone"], "setting": job["setting"]}
+            if METHODS[job["method"]].released and release not in jobs:
+                jobs.append(release)
+        return jobs
+
+    def import_spec(self, backbone: str, setting: str) -> ImportConfig:
+        where = {"backbone": backbone, "setting": setting}
+        return ImportConfig(checkpoint=self.release_checkpoint(backbone, setting),
+                            backbone=backbone, out=path("release_pool", **where),
+                            backbone_out=path("release_backbone", **where))
+
     # -- selection and evaluation ---------------------------------------------------------------
     def trained_artefact(self, backbone: str, setting: str, method: str) -> str:
-        """The file a test-time method reads: its trained method's model file, or the pool of
-        its strategy."""
+        """The file a test-time method reads: its trained method's model file, the pool of its
+        strategy, or the imported release."""
         entry = METHODS[method]
+        if entry.released:
+            return path("release_pool", backbone=backbone, setting=setting)
         where = {"backbone": backbone, "setting": setting, "trained": entry.trained}
         return path("pool", strategy=entry.strategy, **where) if entry.pooled else \
             path("model", **where)
@@ -277,10 +304,12 @@ class Plan:
 
     # -- targets --------------------------------------------------------------------------------
     def evaluations(self) -> list[dict[str, str]]:
-        """The wildcards of every evaluation job."""
+        """The wildcards of every evaluation job (a method over the released pool where the
+        backbone has one for the setting)."""
         return [{"backbone": b, "setting": s, "domain": d, "method": m}
                 for b in self.train["backbones"] for s in self.evaluate["settings"]
-                for d in self.evaluate["targets"] for m in self.evaluate["methods"]]
+                for d in self.evaluate["targets"] for m in self.evaluate["methods"]
+                if not METHODS[m].released or self.release_checkpoint(b, s)]
 
     def selections(self) -> list[dict[str, str]]:
         """The wildcards of every selection job: evaluated methods and the bases they need."""
@@ -355,6 +384,7 @@ class Plan:
             [("train_baseline", self.baseline_spec(**job)) for job in self.baselines()] + \
             [("train_amt_member", self.member_spec(**job)) for job in self.members()] + \
             [("assemble_pool", self.pool_spec(**job)) for job in self.pools()] + \
+            [("import_release", self.import_spec(**job)) for job in self.releases()] + \
             [("select_hyperparameters", self.select_spec(**job)) for job in self.selections()] + \
             [(self.evaluation_rule(job["method"]), self.eval_spec(**job))
              for job in self.evaluations()]

@@ -6,12 +6,16 @@ file, SHA-256, image size, rank, targets) and, per member, its adapters, its Pro
 training budgets (what it actually trained with: one fixed budget, or the several it drew
 from per episode; none for plain lora or with APQ off) and training configuration.
 ``load_pool`` rebuilds W_res from the backbone file, whose SHA-256 must match, instead of
-storing it again.
+storing it again: by SVD (``residual`` "svd"), or, for the authors' released pool, whose
+backbone file holds the residuals themselves, as stored ("stored", ``amt.release``).
+``pos_embed`` records how the backbone's position embeddings meet the image size
+(``amt.registry.POS_EMBED_MODES``).
 
 File (``torch.save``; loads with ``weights_only=True``)::
 
     {"format": "amt-pool", "format_version": 1, "strategy": "separate",
      "backbone", "backbone_checkpoint", "backbone_sha256", "image_size", "rank", "targets",
+     "residual": "svd", "pos_embed": "resample",
      "members": [{"source", "source_sha256", "method", "budgets", "config",
                   "lora": {name.A, name.B}, "head": {scale, bias}}, ...]}
 
@@ -37,9 +41,9 @@ from amt.checkpoints import (
     save_atomic,
     sha256,
 )
-from amt.lora import LoRAState, inject_lora
+from amt.lora import RESIDUALS, LoRAState, inject_lora
 from amt.protonet import ProtoHead
-from amt.registry import POOL_STRATEGIES
+from amt.registry import POOL_STRATEGIES, POS_EMBED_MODES
 from amt.specs import PoolConfig, add_spec_argument, spec_from_args
 
 log = logging.getLogger(__name__)
@@ -104,12 +108,20 @@ def assemble_pool(config: PoolConfig) -> Path:
     members = [{"source": str(p), "source_sha256": sha256(p), "method": o["method"],
                 "budgets": _budgets(o), "config": o.get("config", {}), "lora": o["lora"],
                 "head": o["head"]} for p, o in zip(paths, objs, strict=True)]
+    return write_pool(reference, members, strategy, Path(out))
+
+
+def write_pool(reference: dict, members: list[dict], strategy: str, out: Path,
+               residual: str = "svd", pos_embed: str = POS_EMBED_MODES[0]) -> Path:
+    """The pool file: the shared backbone reference (SHARED keys), how W_res and the position
+    embeddings are rebuilt from it, and the members."""
     save_atomic({"format": POOL_FORMAT, "format_version": FORMAT_VERSION, "strategy": strategy,
-                 **reference, "members": members}, Path(out))
+                 **reference, "residual": residual, "pos_embed": pos_embed,
+                 "members": members}, out)
     log.info("pool of %d members (budgets %s) on %s -> %s", len(members),
              [[round(b, 5) for b in m["budgets"]] for m in members], reference["backbone"],
              out)
-    return Path(out)
+    return out
 
 
 def load_pool(path: Path, device: torch.device | str = "cpu",
@@ -117,12 +129,18 @@ def load_pool(path: Path, device: torch.device | str = "cpu",
     """The pool at ``path`` on ``device``: LoRA layers injected into the recorded backbone file
     (or ``backbone_checkpoint``, which must have the recorded SHA-256), everything frozen."""
     obj = load_tagged(Path(path), POOL_FORMAT)
+    # pools written before these keys existed: SVD residuals, resampled position embeddings
+    residual, pos_embed = obj.get("residual", "svd"), obj.get("pos_embed", POS_EMBED_MODES[0])
+    if residual not in RESIDUALS or pos_embed not in POS_EMBED_MODES:
+        raise CheckpointError(f"{path}: residual {residual!r} and pos_embed {pos_embed!r}: this "
+                              f"code rebuilds residuals {list(RESIDUALS)} and position "
+                              f"embeddings {list(POS_EMBED_MODES)}")
     base = Path(backbone_checkpoint or obj["backbone_checkpoint"])
     if sha256(base) != obj["backbone_sha256"]:
         raise CheckpointError(f"{path}: its members were trained on a backbone file with "
                               f"SHA-256 {obj['backbone_sha256']}; {base} differs")
     backbone = build_backbone(obj["backbone"], base, obj["image_size"])
-    inject_lora(backbone.vit, obj["rank"], obj["targets"])
+    inject_lora(backbone.vit, obj["rank"], obj["targets"], residual)
     backbone.requires_grad_(False).eval().to(device)
     members, heads = [], []
     for i, member in enumerate(obj["members"]):

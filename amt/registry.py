@@ -1,9 +1,10 @@
 """The names and facts everything else reads, free of torch.
 
-Test-time methods and how each is built, trained methods, pool strategies, attacks, norms,
-corruptions and their severities, STr layer choices, KL directions, backbones, and the one
-budget parser. The schema's enums, the config check, the workflow plan, the jobs and the report
-all read this module; ``tests/test_registry.py`` fails when any of them disagrees with it.
+Test-time methods and how each is built, trained methods, the authors' released pool, pool
+strategies, attacks, norms, corruptions and their severities, STr layer choices, KL directions,
+backbones, and the one budget parser. The schema's enums, the config check, the workflow plan,
+the jobs and the report all read this module; ``tests/test_registry.py`` fails when any of them
+disagrees with it.
 
 Adding a test-time method is one ``MethodEntry`` here, its class in ``amt/methods.py`` (if no
 existing kind builds it) and its grid in the configs. Adding a backbone of a known checkpoint
@@ -69,6 +70,13 @@ TRAINED: dict[str, TrainedEntry] = {e.name: e for e in (
 )}
 TRAINERS = ("pm", "lora", "amt")
 
+# -- the authors' released pool (imported, not trained) -------------------------------------------
+RELEASE = "release"  # the ``trained`` of methods over it: ``python -m amt import-release``
+RELEASE_PUBLISHED = ("https://github.com/xyang583/AMT/tree/main/checkpoints (the GitHub "
+                     "repository xyang583/AMT, commit ca4b8190, folder checkpoints/: "
+                     "metadataset_imagenet_advmetatuned_5w1s.pth and _5w5s.pth, the meta-tuned "
+                     "weights of its README's Tables 1-3)")
+
 # -- test-time methods ----------------------------------------------------------------------------
 MERGE_KEYS = ("beta", "gamma", "top_k")
 STR_KEYS = ("str_layers", "str_ratio")
@@ -80,9 +88,11 @@ COMBINE = ("ttm", "uniform", "logits")  # scored top-k merge, 1/P merge, average
 class MethodEntry:
     """A test-time method: which trained artefact it reads and how it adapts to an episode.
 
-    kind 'frozen': a model file (pm, lora) used as it is; kind 'pool': a LoRA pool combined by
-    ``combine`` (with ``top_k`` fixed or selected), trimmed by STr if ``trim``. ``finetune``:
-    PMF's test-time fine-tuning on top. ``base``: the method whose selection it starts from."""
+    ``trained``: a ``TRAINED`` name, or ``RELEASE`` for the authors' pool imported from their
+    checkpoint. kind 'frozen': a model file (pm, lora) used as it is; kind 'pool': a LoRA pool
+    combined by ``combine`` (with ``top_k`` fixed or selected), trimmed by STr if ``trim``.
+    ``finetune``: PMF's test-time fine-tuning on top. ``base``: the method whose selection it
+    starts from."""
 
     name: str
     label: str
@@ -98,6 +108,11 @@ class MethodEntry:
     @property
     def pooled(self) -> bool:
         return self.kind == "pool"
+
+    @property
+    def released(self) -> bool:
+        """It reads the authors' released pool, imported rather than trained."""
+        return self.trained == RELEASE
 
     @property
     def merges(self) -> bool:
@@ -132,6 +147,10 @@ METHODS: dict[str, MethodEntry] = {e.name: e for e in (
     # AMT on the pools of the other strategies (train.amt.pool_strategies): the pool ablation
     _pool("amt_pool_uniform", "uniform pool", "ttm", trim=True, strategy="uniform"),
     _pool("amt_pool_random", "random pool", "ttm", trim=True, strategy="random"),
+    # The authors' released pool under this pipeline's protocol: TTM with k = 2 fixed, as the
+    # release's router (AMT: models/protonet_merge.py:153), STr selected like amt's.
+    MethodEntry("amt_release", "AMT (authors' release)", RELEASE, "pool", combine="ttm",
+                trim=True, top_k=2),
 )}
 
 
@@ -139,6 +158,10 @@ METHODS: dict[str, MethodEntry] = {e.name: e for e in (
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OWN_WEIGHTS = "produced by `python -m amt pretrain`"
+# How a backbone's position embeddings meet the image size: build_backbone's resampling of the
+# file's grid, once at load. Pool files record it, so that a mode added later never reads a
+# pool as written under another.
+POS_EMBED_MODES = ("resample",)
 
 
 @dataclass(frozen=True)

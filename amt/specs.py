@@ -27,6 +27,7 @@ from amt.registry import (
     LORA_TARGETS,
     NORMS,
     POOL_STRATEGIES,
+    POS_EMBED_MODES,
     SEVERITIES,
     STR_LAYERS,
     TRAINERS,
@@ -440,6 +441,30 @@ class PoolConfig:
         repeated = sorted({str(p) for p in self.members if self.members.count(p) > 1})
         if repeated:
             raise UserError(f"members: listed more than once: {repeated}")
+
+
+@dataclass
+class ImportConfig:
+    """One import of the authors' released AMT checkpoint into a pool file (``amt.release``)."""
+
+    checkpoint: Path
+    out: Path
+    backbone: str = "dino_vits16"  # the release's vit_small_amt_merge is DINO's ViT-S/16
+    backbone_out: Path | None = None  # None -> beside the pool: <out stem>_backbone.pt
+    image_size: int | None = None  # None -> the backbone's default (128 for ViT-S/16)
+    pos_embed: str = POS_EMBED_MODES[0]  # recorded in the pool
+
+    def __post_init__(self) -> None:
+        self.checkpoint, self.out = Path(self.checkpoint), Path(self.out)
+        self.backbone_out = _optional_path(self.backbone_out) or \
+            self.out.with_name(f"{self.out.stem}_backbone.pt")
+        if self.image_size is None:
+            self.image_size = backbone_entry(self.backbone).image_size
+        _ints(self, 1, "image_size")
+        _choice(self, "pos_embed", POS_EMBED_MODES)
+        if self.backbone_out in (self.out, self.checkpoint):
+            raise UserError(f"backbone_out={str(self.backbone_out)!r}: expected a file other "
+                            "than the checkpoint and the pool")
 
 
 # -- JSON and the command line --------------------------------------------------------------------

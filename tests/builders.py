@@ -16,6 +16,7 @@ from amt.episode_files import episode_meta, save_episodes
 from amt.episodes import FixedSampler, draw_episodes
 from amt.lora import adapter_parameters
 from amt.pool import assemble_pool
+from amt.registry import LORA_TARGETS
 from amt.rows import validate_results
 from amt.specs import PoolConfig, TrainConfig
 from amt.train import MetaTuner
@@ -81,6 +82,27 @@ def make_pool(folder: Path, members: int = 3, noise: float = 0.3) -> Path:
     return assemble_pool(PoolConfig(files, folder / "pool.pt", "separate"))
 
 
+def release_state(backbone: str = "dino_vits16", image_size: int = 224, experts: int = 4,
+                  rank: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A test model's state dict in the layout of the authors' release (ProtoNetMerge over
+    vit_small_amt_merge): random ViT weights under backbone.model. (the adapted layers' weight
+    playing W_res), ``experts`` random rank-``rank`` adapters per adapted layer as
+    lora_A.<i> [groups r, in] / lora_B.<i> [out, r] (qkv: 3 groups), one head."""
+    torch.manual_seed(seed)
+    vit = build_backbone(backbone, None, image_size).vit
+    state = {f"backbone.model.{k}": v for k, v in vit.state_dict().items()}
+    for name, module in vit.named_modules():
+        if not name.endswith(LORA_TARGETS):
+            continue
+        out_features, in_features = module.weight.shape
+        groups = 3 if name.endswith("qkv") else 1
+        for i in range(experts):
+            state[f"backbone.model.{name}.lora_A.{i}"] = \
+                0.1 * torch.randn(groups * rank, in_features)
+            state[f"backbone.model.{name}.lora_B.{i}"] = 0.1 * torch.randn(out_features, rank)
+    return {"bias": torch.tensor([0.05]), "scale_cls": torch.tensor([12.5]), **state}
+
+
 def template_domain(path: Path, classes: int = 5, per_class: int = 6, size: int = 16,
                     seed: int = 0) -> Path:
     """A greyscale domain of test classes: each class a random template, each image its
@@ -114,9 +136,9 @@ def make_episodes(store_path: Path, out: Path, count: int = 2, ways: int = 5, sh
 BENCHMARKS = {"builtin": ["glyphs", "mnist", "digits", "animals"],
               "bscd": ["src", "eurosat", "isic", "chestx"]}
 METHODS = {"pm": 0.0, "lora": 0.03, "amt": 0.08, "amt_no_ttm": 0.05, "amt_weight_avg": 0.04,
-           "amt_pool_uniform": 0.06}
+           "amt_pool_uniform": 0.06, "amt_release": 0.07}
 ROBUST = {"pm": 0.2, "lora": 0.3, "amt": 0.8, "amt_no_ttm": 0.7, "amt_weight_avg": 0.6,
-          "amt_pool_uniform": 0.75}
+          "amt_pool_uniform": 0.75, "amt_release": 0.7}
 CONDITIONS = [("none", "none", 0.0), ("pgd", "linf", 2 / 255), ("pgd", "linf", 4 / 255),
               ("gaussian_noise", "corruption", 1.0), ("gaussian_noise", "corruption", 3.0),
               ("contrast", "corruption", 1.0), ("contrast", "corruption", 3.0)]
@@ -131,7 +153,7 @@ def _accuracy(base: float, method: str, condition: tuple, rng: np.random.Generat
 
 
 def synthetic_results(episodes: int = 10, seed: int = 0) -> pd.DataFrame:
-    """2 benchmarks x 4 domains (the first in-domain), 6 methods, 2 settings, 7 conditions."""
+    """2 benchmarks x 4 domains (the first in-domain), 7 methods, 2 settings, 7 conditions."""
     rng = np.random.default_rng(seed)
     rows = []
     for benchmark, domains in BENCHMARKS.items():

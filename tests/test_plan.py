@@ -71,6 +71,24 @@ def test_each_method_reads_its_trained_artefact(method, artefact):
         f"results/models/dino_vits16/5w1s/{artefact}"
 
 
+def test_amt_release_reads_the_imported_release_wherever_a_backbone_has_one():
+    plan = Plan(PAPER)
+    assert plan.trained_artefact("dino_vits16", "5w5s", "amt_release") == \
+        "results/models/dino_vits16/5w5s/release/pool.pt"
+    released = [job for job in plan.evaluations() if job["method"] == "amt_release"]
+    assert {job["backbone"] for job in released} == {"dino_vits16"}  # ibot, deit: no release
+    assert len(released) == 2 * len(PAPER["evaluate"]["targets"])
+    assert plan.releases() == [{"backbone": "dino_vits16", "setting": s} for s in ("5w1s", "5w5s")]
+    spec = plan.import_spec("dino_vits16", "5w1s")
+    assert spec.checkpoint == Path("/models/metadataset_imagenet_advmetatuned_5w1s.pth")
+    assert (spec.out, spec.backbone_out) == (
+        Path("results/models/dino_vits16/5w1s/release/pool.pt"),
+        Path("results/models/dino_vits16/5w1s/release/backbone.pt"))
+    assert spec.image_size == 128
+    select = plan.select_spec("dino_vits16", "5w1s", "isic", "amt_release")
+    assert select.model == Path(spec.out) and "top_k" not in select.grid
+
+
 def test_amt_ft_chains_to_amts_selection():
     plan = Plan(PAPER)
     where = ("dino_vits16", "5w5s", "cub")

@@ -85,8 +85,8 @@ def test_every_method_the_report_names_exists():
 @pytest.mark.parametrize("name", list(METHODS))
 def test_each_method_reads_a_trained_artefact_and_builds(name):
     entry = METHODS[name]
-    assert entry.trained in TRAINED
-    assert entry.pooled == TRAINED[entry.trained].pooled
+    assert entry.trained in TRAINED or entry.released
+    assert entry.pooled == (entry.released or TRAINED[entry.trained].pooled)
     assert entry.strategy in registry.POOL_STRATEGIES
     assert entry.base is None or METHODS[entry.base].tuned
     assert (entry.combine is not None) == entry.pooled
@@ -97,6 +97,7 @@ def test_each_method_reads_a_trained_artefact_and_builds(name):
     ("pm", ()), ("pmf", ("lr",)), ("amt", ("beta", "gamma", "top_k", "str_layers", "str_ratio")),
     ("amt_single_best", ("gamma", "str_layers", "str_ratio")), ("amt_no_ttm", ()),
     ("amt_weight_avg", ("str_layers", "str_ratio")), ("amt_logit_avg", ()),
+    ("amt_release", ("beta", "gamma", "str_layers", "str_ratio")),
 ])
 def test_the_hyperparameters_a_method_uses_follow_from_how_it_combines(name, tuned):
     assert METHODS[name].tuned == tuned

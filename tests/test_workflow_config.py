@@ -52,6 +52,13 @@ BAD = [
     ("corruption name", _set("evaluate.corruptions.names", ["fog2"]),
      r"evaluate\.corruptions\.names\[0\]: 'fog2' is not one of \['gaussian_noise'"),
     ("setting typo", _set("settings.5w1s.shot", 1), r"settings\.5w1s: .*unknown keys \['shot'\]"),
+    ("release of an unknown setting", _set("backbones.small_vit.release", {"5w2s": "r.pth"}),
+     r"backbones\.small_vit\.release: unknown settings \['5w2s'\]"),
+    ("amt_release without a release", lambda c: (
+        c["evaluate"]["methods"].append("amt_release"),
+        c["evaluate"]["grids"].update(amt_release={"beta": [1]})),
+     r"evaluate\.methods: amt_release evaluates the authors' released pool; give its "
+     r"checkpoint as backbones\.<backbone>\.release\.<setting>"),
 ]
 
 
@@ -85,10 +92,14 @@ def test_paper_config_without_data_lists_every_missing_input_at_once(tmp_path: P
     elapsed = time.monotonic() - start
     output = result.stdout + result.stderr
     assert result.returncode != 0 and elapsed < 60
-    assert "21 inputs are missing" in output and "Building DAG" not in output
+    assert "23 inputs are missing" in output and "Building DAG" not in output
     for domain in PAPER["domains"]:
         assert f"domains.{domain}.raw: " in output
     for backbone in PAPER["backbones"]:
         assert f"backbones.{backbone}.checkpoint: " in output
+    for setting in ("5w1s", "5w5s"):
+        assert f"backbones.dino_vits16.release.{setting}: /models/metadataset_imagenet_" \
+            f"advmetatuned_{setting}.pth does not exist\n  published in https://github.com/" \
+            "xyang583/AMT/tree/main/checkpoints" in output
     assert "expected layout" in output and "github.com/brendenlake/omniglot" in output
     assert "https://dl.fbaipublicfiles.com/deit/" in output

@@ -78,6 +78,9 @@ TABLES: tuple[TableSpec, ...] = (
               anchor="amt", labels={"amt": "AMT (TTM)"}),
     TableSpec("pool", "LoRA pool strategies", ("amt_pool_uniform", "amt_pool_random"), _BOTH,
               "conditions", anchor="amt", labels={"amt": "separate pool (AMT)"}),
+    TableSpec("release", "The authors' released AMT pool beside this pipeline's",
+              ("amt_release",), _BOTH, "conditions", anchor="amt",
+              labels={"amt": "AMT (this pipeline)"}),
     TableSpec("difference", "Paired difference to the reference method", None, _BOTH,
               difference=True),
 )
