@@ -2,16 +2,18 @@
 
 All members share the SVD residual W_res of the backbone file they were trained on (the SVD is
 deterministic, see ``amt.lora``), so the pool file holds the backbone *reference* once (name,
-file, SHA-256, image size, rank, targets) and, per member, its adapters, its ProtoNet head, its
-training budgets (what it actually trained with: one fixed budget, or the several it drew
-from per episode; none for plain lora or with APQ off) and training configuration.
+file, SHA-256, image size, position-embedding mode, rank, targets) and, per member, its
+adapters, its ProtoNet head, its training budgets (what it actually trained with: one fixed
+budget, or the several it drew from per episode; none for plain lora or with APQ off) and
+training configuration.
 ``load_pool`` rebuilds W_res from the backbone file, whose SHA-256 must match, instead of
 storing it again.
 
 File (``torch.save``; loads with ``weights_only=True``)::
 
     {"format": "amt-pool", "format_version": 1, "strategy": "separate",
-     "backbone", "backbone_checkpoint", "backbone_sha256", "image_size", "rank", "targets",
+     "backbone", "backbone_checkpoint", "backbone_sha256", "image_size", "pos_embed", "rank",
+     "targets",
      "members": [{"source", "source_sha256", "method", "budgets", "config",
                   "lora": {name.A, name.B}, "head": {scale, bias}}, ...]}
 
@@ -34,6 +36,7 @@ from amt.checkpoints import (
     MODEL_FORMAT,
     CheckpointError,
     load_tagged,
+    recorded_pos_embed,
     save_atomic,
     sha256,
 )
@@ -46,7 +49,8 @@ log = logging.getLogger(__name__)
 
 POOL_FORMAT = "amt-pool"
 MEMBER_METHODS = ("lora", "amt")
-SHARED = ("backbone", "backbone_checkpoint", "backbone_sha256", "image_size", "rank", "targets")
+SHARED = ("backbone", "backbone_checkpoint", "backbone_sha256", "image_size", "pos_embed", "rank",
+          "targets")
 
 
 @dataclass
@@ -77,7 +81,8 @@ def _member(path: Path) -> dict:
 
 
 def _shared(obj: dict) -> dict:
-    return {k: list(obj[k]) if k == "targets" else obj[k] for k in SHARED}
+    shared = {**obj, "pos_embed": recorded_pos_embed(obj)}
+    return {k: list(shared[k]) if k == "targets" else shared[k] for k in SHARED}
 
 
 def _budgets(obj: dict) -> list[float]:
@@ -121,7 +126,8 @@ def load_pool(path: Path, device: torch.device | str = "cpu",
     if sha256(base) != obj["backbone_sha256"]:
         raise CheckpointError(f"{path}: its members were trained on a backbone file with "
                               f"SHA-256 {obj['backbone_sha256']}; {base} differs")
-    backbone = build_backbone(obj["backbone"], base, obj["image_size"])
+    backbone = build_backbone(obj["backbone"], base, obj["image_size"],
+                              pos_embed=recorded_pos_embed(obj))
     inject_lora(backbone.vit, obj["rank"], obj["targets"])
     backbone.requires_grad_(False).eval().to(device)
     members, heads = [], []
@@ -134,7 +140,7 @@ def load_pool(path: Path, device: torch.device | str = "cpu",
         head.load_state_dict(member["head"])
         heads.append(head.requires_grad_(False).to(device))
     return Pool(backbone, members, heads, [tuple(m["budgets"]) for m in obj["members"]],
-                obj["strategy"], {k: obj[k] for k in SHARED})
+                obj["strategy"], _shared(obj))
 
 
 def cmd_pool(args: argparse.Namespace) -> int:
