@@ -18,13 +18,18 @@ count (5-way, 15 queries per class), side by side in one run:
   ``torch.linalg.eigvalsh`` of every layer's Gram matrix (precomputed), the floor of any exact
   rank-k truncation of these full-rank weights on this device.
 
-Every work figure is measured on the same device with a plain batched forward (backward) of the
-plain backbone and ProtoNet head. Finally a frozen-backbone job (``Evaluation.run`` for pm, clean
+Every work figure is measured on the same device, in the same precision (bfloat16 autocast on
+CUDA unless ``--no-amp``, float32 on the CPU), with a plain batched forward (backward) of the
+plain backbone and ProtoNet head. Per shot count the FLOPs of one pm, amt and attacked amt
+episode are counted (bench_train's dispatch counter) against the device's matmul peak in that
+precision, measured in the same run, and the peak memory is recorded (RSS; allocated CUDA
+memory). Finally a frozen-backbone job (``Evaluation.run`` for pm, clean
 only) over many episodes of a synthetic store against one plain pass (read, transform, forward)
 over the distinct images they use. Targets: amt <= 1.1x; STr (fc1, all) <= +10%; amt + PGD-k
 <= 1.1x; frozen episodes <= 1.2x one pass.
 
     python bench/bench_eval.py [--json] [--backbones dino_vits16 small_vit] [--steps 10]
+        [--device cuda] [--no-amp]
 """
 
 from __future__ import annotations
@@ -42,11 +47,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_train import compute_dtype, flop_counter, matmul_peak
 
 from amt.backbones import build_backbone
 from amt.checkpoints import save_atomic
 from amt.conditions import robust_correct
-from amt.devices import describe, pick_device
+from amt.devices import autocast, describe, peak_memory, pick_device, reset_peak_memory
 from amt.evaluate import Evaluation
 from amt.lora import LoRAState, inject_lora
 from amt.methods import FrozenMethod, Method, PoolMethod
@@ -107,17 +113,21 @@ def random_pool(name: str, members: int, device: torch.device) -> Pool:
 class Reference:
     """Plain batched forward / forward-backward of the plain backbone and ProtoNet head."""
 
-    def __init__(self, name: str, device: torch.device, repeats: int) -> None:
+    def __init__(self, name: str, device: torch.device, repeats: int, amp: bool) -> None:
         torch.manual_seed(0)
         self.backbone = build_backbone(name, None, backbone_entry(name).image_size)
         self.backbone.requires_grad_(False).eval().to(device)
         self.head = ProtoHead().to(device)
-        self.device, self.repeats = device, repeats
+        self.device, self.repeats, self.amp = device, repeats, amp
 
     def forward(self, n: int, size: int) -> float:
         x = torch.rand(n, 3, size, size, device=self.device)
-        with torch.no_grad():
-            return timed(lambda: self.backbone(x), self.device, self.repeats)
+
+        def run() -> None:
+            with torch.no_grad(), autocast(self.device, self.amp):
+                self.backbone(x)
+
+        return timed(run, self.device, self.repeats)
 
     def forward_backward(self, n: int, size: int) -> float:
         x = torch.rand(n, 3, size, size, device=self.device)
@@ -126,7 +136,9 @@ class Reference:
 
         def step() -> None:
             v = x.clone().requires_grad_(True)
-            loss = F.cross_entropy(self.head(self.backbone(v), protos), y, reduction="none")
+            with autocast(self.device, self.amp):
+                logits = self.head(self.backbone(v), protos)
+            loss = F.cross_entropy(logits.float(), y, reduction="none")
             torch.autograd.grad(loss.sum(), v)
 
         return timed(step, self.device, self.repeats)
@@ -188,16 +200,25 @@ def _trim_times(method: PoolMethod, data, device: torch.device, repeats: int) ->
     return out
 
 
+def _gflop(run: Callable[[], None]) -> float:
+    """GFLOP of one call, counted (bench_train's dispatch counter)."""
+    counter = flop_counter()
+    with counter:
+        run()
+    return counter.total / 1e9
+
+
 def measure(name: str, shots: list[int], members: int, steps: int, device: torch.device,
-            repeats: int) -> list[dict]:
+            repeats: int, amp: bool) -> list[dict]:
     """Every shot count on one backbone: its reference, a frozen pm and an amt pool."""
     size = backbone_entry(name).image_size
-    reference = Reference(name, device, repeats)
+    reference = Reference(name, device, repeats, amp)
     step_work = reference.forward_backward(WAYS * QUERIES, size)
-    pm = FrozenMethod(reference.backbone, reference.head, device, True, 0, name)
-    method = PoolMethod(random_pool(name, members, device), "amt", Hyper(), device, True, 0)
+    pm = FrozenMethod(reference.backbone, reference.head, device, amp, 0, name)
+    method = PoolMethod(random_pool(name, members, device), "amt", Hyper(), device, amp, 0)
     results = []
     for k in shots:
+        reset_peak_memory(device)
         data = episode(size, k, device)
         support, queries = WAYS * k, WAYS * QUERIES
         amt_work = reference.forward((2 * members + 1) * support + queries, size)
@@ -210,7 +231,11 @@ def measure(name: str, shots: list[int], members: int, steps: int, device: torch
             "amt": timed(_clean_episode(method, data), device, repeats), "amt_work": amt_work,
             "amt_shaped_work": shaped, "pgd": _attacked_time(method, data, steps, device),
             "pgd_work": amt_work + steps * step_work,
-            "trim": _trim_times(method, data, device, repeats)})
+            "trim": _trim_times(method, data, device, repeats),
+            "gflop": {"pm": _gflop(_clean_episode(pm, data)),
+                      "amt": _gflop(_clean_episode(method, data)),
+                      "pgd": _gflop(_attacked_episode(method, data, steps))},
+            **peak_memory(device)})
         print(f"{name} {k}-shot done", file=sys.stderr)
     return results
 
@@ -227,7 +252,8 @@ def _synthetic_store(folder: Path, classes: int, per_class: int, side: int) -> P
     return path
 
 
-def measure_frozen(name: str, episodes: int, device: str, workers: int, repeats: int) -> dict:
+def measure_frozen(name: str, episodes: int, device: str, workers: int, repeats: int,
+                   amp: bool) -> dict:
     """Evaluation.run of pm over ``episodes`` clean episodes vs one plain pass (best of
     ``repeats`` each, alternated)."""
     from amt.episode_files import episode_meta, save_episodes
@@ -243,15 +269,17 @@ def measure_frozen(name: str, episodes: int, device: str, workers: int, repeats:
         store = DomainStore(store_path)
         sampler = FixedSampler(ways=WAYS, shots=1, queries=QUERIES)
         drawn = draw_episodes(store, "test", sampler, episodes, 0)
-        save_episodes(folder / "eps.json", drawn, episode_meta(
-            store, domain="bench", split="test", sampler=sampler, seed=0, count=episodes))
+        meta = episode_meta(store, domain="bench", split="test", sampler=sampler, seed=0,
+                            count=episodes)
+        save_episodes(folder / "eps.json", drawn, {**meta, "setting_name": "5w1s"})
         torch.manual_seed(0)
         tuner = MetaTuner(TrainConfig(method="pm", backbone=name), torch.device("cpu"))
         save_atomic(tuner.model_file(None), folder / "pm.pt")
         job = Evaluation(EvalConfig(
             method="pm", model=folder / "pm.pt", store=store_path, episodes=folder / "eps.json",
             benchmark="bench", domain="bench", in_domain=False, setting_name="5w1s",
-            out=folder / "out.csv", device=device, workers=workers, log_every=10**6))
+            out=folder / "out.csv", device=device, workers=workers, amp=amp,
+            log_every=10**6))
         ids = np.unique(np.concatenate([np.concatenate([e.support, e.query]) for e in drawn]))
         one_pass, run = math.inf, math.inf
         for _ in range(repeats):  # best of: both take well under a second on small_vit
@@ -269,8 +297,9 @@ def _one_pass(job: Evaluation, store, ids: np.ndarray, batch: int = 64) -> float
     """Read, transform and embed each distinct image once, in batches, in this process."""
     start = time.perf_counter()
     for i in range(0, len(ids), batch):
-        images = np.stack([job.transform(store.read(int(j))).numpy() for j in ids[i:i + batch]])
-        with torch.no_grad():
+        images = np.stack([job.dataset.transform(store.read(int(j))).numpy()
+                           for j in ids[i:i + batch]])
+        with torch.no_grad(), autocast(job.device, job.config.amp):
             job.method.backbone(torch.from_numpy(images).to(job.device))
     _sync(job.device)
     return time.perf_counter() - start
@@ -296,9 +325,32 @@ def checks(report: dict) -> list[dict]:
     return found
 
 
+def _throughput(report: dict) -> list[str]:
+    peak = report["matmul"]
+    lines = ["", f"matmul peak: {peak['gflops']:.0f} GFLOP/s ({peak['dtype']}, {peak['size']}^2)",
+             "", "| backbone | shots | case | s/episode | GFLOP/episode | GFLOP/s | "
+             "% of matmul peak | peak RSS MiB | peak CUDA MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["episodes"]:
+        lines += [f"| {r['backbone']} | {r['shots']} | {case} | {r[case]:.3f} | "
+                  f"{r['gflop'][case]:.1f} | {r['gflops'][case]:.1f} | "
+                  f"{100 * r['fraction_of_peak'][case]:.0f} | {r['peak_rss_mib']:.0f} | "
+                  f"{r.get('peak_cuda_allocated_mib', '-')} |" for case in r["gflop"]]
+    return lines
+
+
+def with_peak_fractions(report: dict, peak: dict) -> None:
+    """Each episode row's achieved GFLOP/s per case and its fraction of the matmul peak."""
+    report["matmul"] = peak
+    for r in report["episodes"]:
+        r["gflops"] = {case: gflop / r[case] for case, gflop in r["gflop"].items()}
+        r["fraction_of_peak"] = {case: rate / peak["gflops"] for case, rate in r["gflops"].items()}
+
+
 def markdown(report: dict) -> str:
-    lines = [f"device: {report['device']}; 5-way, {QUERIES} queries per class, P = "
-             f"{report['members']} members of rank {RANK}; l_inf PGD-{report['steps']}", "",
+    lines = [f"device: {report['device']}; {report['dtype']}; 5-way, {QUERIES} queries per "
+             f"class, P = {report['members']} members of rank {RANK}; "
+             f"l_inf PGD-{report['steps']}", "",
              "| backbone | px | shots | pm s (x work) | amt s (x work; x same-shape forwards) | "
              "amt+PGD s (x work) | STr fc1 % | STr all % | lowrank fc1 % | lowrank all % | "
              "svd64 fc1 % | svd64 all % | eigenvalues alone, all % |",
@@ -314,6 +366,7 @@ def markdown(report: dict) -> str:
                 "fc1", "all", "fc1_lowrank", "all_lowrank", "fc1_svd64", "all_svd64",
                 "all_eigvalsh"))
             + " |")
+    lines += _throughput(report)
     if report["frozen"]:
         lines += ["", "| backbone | episodes | distinct images | images in episodes | "
                   "one pass s | frozen run s | x one pass |", "|---|---|---|---|---|---|---|"]
@@ -338,19 +391,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="bfloat16 autocast on CUDA, as evaluation runs (no effect on the CPU)")
     parser.add_argument("--json", action="store_true", help="print JSON, not Markdown")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    report = {"device": describe(device), "members": args.members, "steps": args.steps,
-              "episodes": [], "frozen": []}
+    report = {"device": describe(device), "dtype": compute_dtype(str(device), args.amp),
+              "members": args.members, "steps": args.steps, "episodes": [], "frozen": []}
     for name in args.backbones:
         report["episodes"] += measure(name, args.shots, args.members, args.steps, device,
-                                      args.repeats)
+                                      args.repeats, args.amp)
     for name in args.frozen_backbones:
         report["frozen"].append(measure_frozen(name, args.frozen_episodes, args.device,
-                                               args.workers, max(args.repeats, 3)))
+                                               args.workers, max(args.repeats, 3), args.amp))
+    with_peak_fractions(report, matmul_peak(str(device), None, args.amp))
     report["checks"] = checks(report)
     print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0

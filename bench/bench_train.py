@@ -1,11 +1,14 @@
 """Time, FLOPs and peak memory of one meta-training episode: pm, lora, APSV alone and full amt.
 
 Every (backbone, case) runs in a fresh process, so its peak RSS is its own. Episodes are 5-way
-1-shot with 15 queries per class of random pixels at the backbone's default size; backbones are
-randomly initialised (speed does not depend on the weights). FLOPs are counted, not estimated:
-every matmul, convolution and attention kernel that runs, forward and backward, attack steps
-included (torch's flop registry through a dispatch mode). The machine's peak is a large
-torch.matmul in the training dtype (float32 on the CPU, bfloat16 on CUDA).
+with 15 queries per class of random pixels at the backbone's default size (1-shot unless
+``--shots`` says more); backbones are randomly initialised (speed does not depend on the
+weights). Training computes as the pipeline does: float32 on the CPU, bfloat16 autocast on CUDA
+(``--no-amp``: float32 there too); on CUDA the peak allocated memory is recorded per shot count.
+FLOPs are counted, not estimated: every matmul, convolution and attention kernel that runs,
+forward and backward, attack steps included (torch's flop registry through a dispatch mode).
+The machine's peak is a large torch.matmul in the training dtype (float32 on the CPU, bfloat16
+on CUDA unless ``--no-amp``).
 
 Cases: ``pm`` (whole backbone), ``lora`` (adapters), ``apsv`` (amt without APQ: lora plus the
 APSV ascent pass, so apsv/lora - 1 is the extra forward-backward APSV costs), ``amt`` (APQ with
@@ -13,6 +16,7 @@ its PGD steps and APSV). Targets: lora <= 0.8 x pm; APSV <= 1 extra forward-back
 CPU, pm's forward-backward reaches at least half the matmul peak.
 
     python bench/bench_train.py [--json] [--backbones dino_vits16 small_vit] [--episodes 1]
+        [--shots 1 5] [--device cuda] [--no-amp]
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ MIN_TIMED_S = 2.0  # short episodes are timed until this much has run, so that t
 # is not one of a handful of disturbed ones (small_vit's 60-ms episodes on 2 threads)
 
 
-def _flop_counter():
+def flop_counter():
     """A dispatch mode summing torch's registered FLOP formulas (FlopCounterMode's module
     tracker breaks torch.autograd.grad on leaf inputs, which the attack uses), plus the CPU
     flash-attention kernels the registry lacks."""
@@ -86,50 +90,62 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(backbone: str, case: str, episodes: int, attack_steps: int, device: str) -> dict:
-    """Runs in a child process: one counted episode, then ``episodes`` timed ones."""
+def compute_dtype(device: str, amp: bool) -> str:
+    """What training multiplies in: bfloat16 under autocast on CUDA, else float32."""
+    return "bfloat16" if amp and device.startswith("cuda") else "float32"
+
+
+def measure(backbone: str, case: str, shots: list[int], episodes: int, min_seconds: float,
+            attack_steps: int, device: str, amp: bool) -> list[dict]:
+    """Runs in a child process: per shot count, one counted episode, then at least ``episodes``
+    timed ones, and as many as run in ``min_seconds``."""
     import torch
 
-    from amt.devices import pick_device
+    from amt.devices import pick_device, reset_peak_memory
     from amt.specs import TrainConfig
     from amt.train import MetaTuner
 
     baseline = _rss_mib()
     torch.manual_seed(0)
-    config = TrainConfig(backbone=backbone, attack_steps=attack_steps, device=device,
+    config = TrainConfig(backbone=backbone, attack_steps=attack_steps, device=device, amp=amp,
                          **CASES[case])
     dev = pick_device(device)
     tuner = MetaTuner(config, dev)
-    episode = _episode(config.image_size)
+    results = []
+    for k in shots:
+        reset_peak_memory(dev)
+        episode = _episode(config.image_size, shots=k)
 
-    def timed(index: int) -> float:
-        start = time.perf_counter()
-        tuner.step(episode, index, config.lr)
+        def timed(index: int, episode=episode) -> float:
+            start = time.perf_counter()
+            tuner.step(episode, index, config.lr)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            return time.perf_counter() - start
+
+        counter = flop_counter()
+        with counter:
+            first = timed(0)
+        if first > LONG_EPISODE_S:
+            seconds = [first]
+        else:
+            seconds = []
+            while len(seconds) < episodes or sum(seconds) < min_seconds:
+                seconds.append(timed(len(seconds) + 1))
+        result = {"backbone": backbone, "case": case, "shots": k,
+                  "image_size": config.image_size, "device": str(dev),
+                  "dtype": compute_dtype(str(dev), amp),
+                  "seconds": min(seconds), "seconds_median": statistics.median(seconds),
+                  "episodes_timed": len(seconds),
+                  "gflop": counter.total / 1e9, "peak_rss_mib": round(_rss_mib(), 1),
+                  "rss_before_model_mib": round(baseline, 1)}
         if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return time.perf_counter() - start
-
-    counter = _flop_counter()
-    with counter:
-        first = timed(0)
-    if first > LONG_EPISODE_S:
-        seconds = [first]
-    else:
-        seconds = []
-        while len(seconds) < episodes or sum(seconds) < MIN_TIMED_S:
-            seconds.append(timed(len(seconds) + 1))
-    result = {"backbone": backbone, "case": case, "image_size": config.image_size,
-              "device": str(dev),
-              "seconds": min(seconds), "seconds_median": statistics.median(seconds),
-              "episodes_timed": len(seconds),
-              "gflop": counter.total / 1e9, "peak_rss_mib": round(_rss_mib(), 1),
-              "rss_before_model_mib": round(baseline, 1)}
-    if dev.type == "cuda":
-        result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
-    return result
+            result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        results.append(result)
+    return results
 
 
-def matmul_peak(device: str, size: int | None, repeats: int = 10) -> dict:
+def matmul_peak(device: str, size: int | None, amp: bool = True, repeats: int = 10) -> dict:
     """Best GFLOP/s of a size x size torch.matmul in the dtype training computes in (2048 on
     the CPU, 8192 on CUDA, where smaller products do not fill the GPU)."""
     import torch
@@ -139,7 +155,7 @@ def matmul_peak(device: str, size: int | None, repeats: int = 10) -> dict:
     dev = pick_device(device)
     cuda = dev.type == "cuda"
     size = size or (8192 if cuda else 2048)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = getattr(torch, compute_dtype(str(dev), amp))
     a = torch.randn(size, size, device=dev, dtype=dtype)
     b = torch.randn(size, size, device=dev, dtype=dtype)
     best = float("inf")
@@ -159,11 +175,14 @@ def _run(args: argparse.Namespace) -> dict:
     for backbone in args.backbones:
         for case in args.cases:
             with ProcessPoolExecutor(1, mp_context=context) as pool:
-                results.append(pool.submit(measure, backbone, case, args.episodes,
-                                           args.attack_steps, args.device).result())
-            print(f"{backbone} {case}: {results[-1]['seconds']:.3f} s/episode", file=sys.stderr)
+                results += pool.submit(measure, backbone, case, args.shots, args.episodes,
+                                       args.min_seconds, args.attack_steps, args.device,
+                                       args.amp).result()
+            print(f"{backbone} {case}: " + ", ".join(
+                f"{r['shots']}-shot {r['seconds']:.3f}" for r in results[-len(args.shots):])
+                + " s/episode", file=sys.stderr)
     with ProcessPoolExecutor(1, mp_context=context) as pool:
-        peak = pool.submit(matmul_peak, args.device, args.matmul_size).result()
+        peak = pool.submit(matmul_peak, args.device, args.matmul_size, args.amp).result()
     for r in results:
         r["gflops"] = r["gflop"] / r["seconds"]
         r["fraction_of_peak"] = r["gflops"] / peak["gflops"]
@@ -172,22 +191,23 @@ def _run(args: argparse.Namespace) -> dict:
 
 
 def _checks(results: list[dict]) -> list[dict]:
-    by = {(r["backbone"], r["case"]): r for r in results}
+    by = {(r["backbone"], r["shots"], r["case"]): r for r in results}
     checks = []
-    for backbone in dict.fromkeys(r["backbone"] for r in results):
-        pm, lora, apsv = (by.get((backbone, c)) for c in ("pm", "lora", "apsv"))
+    for backbone, shots in dict.fromkeys((r["backbone"], r["shots"]) for r in results):
+        label = f"{backbone} {shots}-shot"
+        pm, lora, apsv = (by.get((backbone, shots, c)) for c in ("pm", "lora", "apsv"))
         if pm and lora:
             ratio = lora["seconds"] / pm["seconds"]
-            checks.append({"backbone": backbone, "check": "lora / pm time", "value": ratio,
+            checks.append({"backbone": label, "check": "lora / pm time", "value": ratio,
                            "target": "<= 0.8", "ok": ratio <= 0.8})
         if lora and apsv:
             extra = apsv["seconds"] / lora["seconds"] - 1
             flop_extra = apsv["gflop"] / lora["gflop"] - 1
-            checks.append({"backbone": backbone, "check": "APSV extra fwd-bwd (time; FLOPs "
+            checks.append({"backbone": label, "check": "APSV extra fwd-bwd (time; FLOPs "
                            f"{flop_extra:.2f})", "value": extra, "target": "<= 1",
                            "ok": flop_extra <= 1.0 + 1e-6 and extra <= 1.15})
         if pm and pm["device"] == "cpu":
-            checks.append({"backbone": backbone, "check": "pm fraction of matmul peak",
+            checks.append({"backbone": label, "check": "pm fraction of matmul peak",
                            "value": pm["fraction_of_peak"], "target": ">= 0.5 (CPU)",
                            "ok": pm["fraction_of_peak"] >= 0.5})
     return checks
@@ -197,14 +217,16 @@ def markdown(report: dict) -> str:
     peak = report["matmul"]
     lines = [f"matmul peak: {peak['gflops']:.0f} GFLOP/s ({peak['dtype']}, {peak['size']}^2, "
              f"{peak['device']}); amt: {report['attack_steps']} PGD steps, APSV on",
-             "", "| backbone | px | case | s/episode (best) | x pm | GFLOP/episode | GFLOP/s | "
-             "% of matmul peak | peak RSS MiB (before model) | peak CUDA MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    pm = {r["backbone"]: r["seconds"] for r in report["results"] if r["case"] == "pm"}
+             "", "| backbone | px | shots | case | s/episode (best) | x pm | GFLOP/episode | "
+             "GFLOP/s | % of matmul peak | peak RSS MiB (before model) | peak CUDA MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    pm = {(r["backbone"], r["shots"]): r["seconds"] for r in report["results"]
+          if r["case"] == "pm"}
     for r in report["results"]:
-        ratio = f"{r['seconds'] / pm[r['backbone']]:.2f}" if r["backbone"] in pm else "-"
-        lines.append(f"| {r['backbone']} | {r['image_size']} | {r['case']} | {r['seconds']:.3f} "
-                     f"| {ratio} | {r['gflop']:.1f} | {r['gflops']:.1f} | "
+        key = (r["backbone"], r["shots"])
+        ratio = f"{r['seconds'] / pm[key]:.2f}" if key in pm else "-"
+        lines.append(f"| {r['backbone']} | {r['image_size']} | {r['shots']} | {r['case']} | "
+                     f"{r['seconds']:.3f} | {ratio} | {r['gflop']:.1f} | {r['gflops']:.1f} | "
                      f"{100 * r['fraction_of_peak']:.0f} | {r['peak_rss_mib']:.0f} "
                      f"({r['rss_before_model_mib']:.0f}) | {r.get('peak_cuda_mib', '-')} |")
     lines += ["", "| backbone | check | value | target | ok |", "|---|---|---|---|---|"]
@@ -217,11 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=["dino_vits16", "small_vit"])
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--shots", type=int, nargs="+", default=[1],
+                        help="5-way episodes with this many shots (15 queries per class)")
     parser.add_argument("--episodes", type=int, default=3,
                         help="timed episodes per case, at least (short ones run until "
-                        f"{MIN_TIMED_S:g} s are timed); the best is reported (least disturbed)")
+                        "--min-seconds are timed); the best is reported (least disturbed)")
+    parser.add_argument("--min-seconds", type=float, default=MIN_TIMED_S,
+                        help="time short episodes until this much has run (default: "
+                        f"{MIN_TIMED_S:g})")
     parser.add_argument("--attack-steps", type=int, default=10)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="bfloat16 autocast on CUDA, as training runs (no effect on the CPU)")
     parser.add_argument("--matmul-size", type=int, help="default 2048 (CPU), 8192 (CUDA)")
     parser.add_argument("--json", action="store_true", help="print JSON, not Markdown")
     args = parser.parse_args(argv)

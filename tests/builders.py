@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import Dataset
 
 from amt.backbones import build_backbone
 from amt.checkpoints import save_atomic, sha256
@@ -160,3 +161,59 @@ def synthetic_spectra(layers: int = 3, rank: int = 12) -> pd.DataFrame:
                 rows += [{"domain": domain, "method": method, "layer": f"blocks.{layer}.mlp.fc1",
                           "index": i, "singular_value": v} for i, v in enumerate(values)]
     return pd.DataFrame(rows)
+
+
+# -- synthetic episodes ------------------------------------------------------------------------
+def colour_episode(seed: int = 0, ways: int = 3, shots: int = 2, queries: int = 4):
+    """One synthetic episode (xs, ys, xq, yq) at 32 px: class k noise around a colour of its own."""
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.arange(ways).repeat_interleave(shots)
+    yq = torch.arange(ways).repeat_interleave(queries)
+    colours = torch.linspace(0.2, 0.8, ways)
+
+    def images(labels):
+        noise = torch.rand(len(labels), 3, 32, 32, generator=g)
+        return (0.6 * colours[labels].view(-1, 1, 1, 1) + 0.4 * noise).clamp(0, 1)
+
+    return images(ys), ys, images(yq), yq
+
+
+class Killed(Exception):
+    """Stands for the process being killed while episode data is loaded."""
+
+
+class Episodes(Dataset):
+    """Synthetic episodes: class k's images are noise around a colour of its own."""
+
+    def __init__(self, length: int, ways: int = 3, shots: int = 2, queries: int = 2,
+                 size: int = 32, kill_at: int | None = None, nan_at: int | None = None) -> None:
+        self.length, self.ways, self.shots, self.queries, self.size = (length, ways, shots,
+                                                                       queries, size)
+        self.kill_at, self.nan_at = kill_at, nan_at
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _images(self, per_class: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(self.ways).repeat_interleave(per_class)
+        colours = torch.linspace(0.2, 0.8, self.ways)[labels].view(-1, 1, 1, 1)
+        noise = torch.rand(len(labels), 3, self.size, self.size, generator=g)
+        return (0.7 * colours + 0.3 * noise).clamp(0, 1), labels
+
+    def __getitem__(self, i: int):
+        if i == self.kill_at:
+            raise Killed(f"killed at episode {i}")
+        g = torch.Generator().manual_seed(1000 + i)
+        xs, ys = self._images(self.shots, g)
+        xq, yq = self._images(self.queries, g)
+        if i == self.nan_at:
+            xq = torch.full_like(xq, float("nan"))
+        return xs, ys, xq, yq
+
+
+def train_config(tiny_file: Path | None, **overrides) -> TrainConfig:
+    """A tiny_vit TrainConfig of a few short epochs (tiny_file: its backbone file)."""
+    base = dict(backbone="tiny_vit", backbone_checkpoint=str(tiny_file) if tiny_file else None,
+                epochs=2, episodes_per_epoch=3, warmup_epochs=1, lr=0.05, rank=2,
+                attack_steps=2, checkpoint_every=2, log_every=100)
+    return TrainConfig(**{**base, **overrides})

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import split_domain, synthetic_results, synthetic_spectra
+from builders import make_pool, model_file, split_domain, synthetic_results, synthetic_spectra
 
 
 @pytest.fixture
@@ -55,3 +55,13 @@ def report_inputs(tmp_path: Path) -> tuple[list[Path], Path]:
     spectra = tmp_path / "spectra.csv"
     synthetic_spectra(layers=2, rank=4).query("domain == 'mnist'").to_csv(spectra, index=False)
     return jobs, spectra
+
+
+@pytest.fixture(scope="module")
+def pool_dir(tmp_path_factory) -> Path:
+    """A 3-member pool of tiny_vit adapters and a pm model file on its backbone."""
+    folder = tmp_path_factory.mktemp("pool")
+    torch.set_num_threads(1)
+    make_pool(folder, members=3)
+    model_file(folder, folder / "tiny_backbone.pth", "pm", method="pm")
+    return folder

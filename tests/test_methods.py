@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import make_pool, model_file
+from builders import colour_episode
 
 from amt import methods
 from amt.attacks import pgd
@@ -31,28 +31,6 @@ from amt.specs import Hyper
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 WAYS, SHOTS, QUERIES = 3, 2, 4
-
-
-@pytest.fixture(scope="module")
-def pool_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("pool")
-    torch.set_num_threads(1)
-    make_pool(folder, members=3)
-    model_file(folder, folder / "tiny_backbone.pth", "pm", method="pm")
-    return folder
-
-
-def _episode(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ys = torch.arange(WAYS).repeat_interleave(SHOTS)
-    yq = torch.arange(WAYS).repeat_interleave(QUERIES)
-    colours = torch.linspace(0.2, 0.8, WAYS)
-
-    def images(labels):
-        noise = torch.rand(len(labels), 3, 32, 32, generator=g)
-        return (0.6 * colours[labels].view(-1, 1, 1, 1) + 0.4 * noise).clamp(0, 1)
-
-    return images(ys), ys, images(yq), yq
 
 
 def _pool_method(folder: Path, name: str = "amt", **hyper) -> PoolMethod:
@@ -100,7 +78,7 @@ def _direct_merge(pool, layer_name: str, plan: Merge) -> torch.Tensor:
 def test_ttm_scores_weights_merge_and_head_follow_the_formulas(pool_dir):
     beta, gamma = 3.0, 0.7
     method = _pool_method(pool_dir, beta=beta, gamma=gamma, top_k=2)
-    xs, ys, _, _ = _episode()
+    xs, ys, _, _ = colour_episode()
     scores = method.scores(xs, ys, index=5).double().numpy()
     z = augment_support(method.backbone, xs, torch_generator(0, 5, "ttm"))
     np.testing.assert_allclose(scores, _direct_scores(pool_dir, xs, ys, z), atol=1e-5)
@@ -123,7 +101,7 @@ def test_ttm_scores_weights_merge_and_head_follow_the_formulas(pool_dir):
 
 
 def test_ablation_recipes_choose_their_members(pool_dir):
-    xs, ys, _, _ = _episode()
+    xs, ys, _, _ = colour_episode()
     scores = torch.tensor([[0.9, 0.1], [0.5, 0.4], [0.95, 0.05]])  # scores .50, .14, .55
     assert _pool_method(pool_dir, "amt_single_best").plan(scores) == Merge((2,), (1.0,))
     for name in ("amt_weight_avg", "amt_no_ttm"):
@@ -137,7 +115,7 @@ def test_ablation_recipes_choose_their_members(pool_dir):
 @pytest.mark.parametrize("layers", ["fc1", "all"])
 def test_str_trims_only_the_selected_layers(pool_dir, layers):
     method = _pool_method(pool_dir, str_layers=layers, str_ratio=0.5)
-    xs, ys, _, _ = _episode()
+    xs, ys, _, _ = colour_episode()
     plan = method.plan(method.scores(xs, ys, 0))
     with method.setup(xs, ys, 0, plan=plan):
         for name, layer in method.layers.items():
@@ -158,7 +136,7 @@ def test_str_trims_the_fused_qkv_as_one_matrix(pool_dir, solver):
     apart (which would leave rank up to 3 floor(rho D)). lowrank: the release's randomised
     solver, its draws fixed by (seed, episode)."""
     method = _pool_method(pool_dir, str_layers="all", str_ratio=0.25, str_solver=solver)
-    xs, ys, _, _ = _episode()
+    xs, ys, _, _ = colour_episode()
     plan = method.plan(method.scores(xs, ys, 0))
     weights = []
     for _ in range(2):
@@ -178,7 +156,7 @@ def test_str_trims_the_fused_qkv_as_one_matrix(pool_dir, solver):
 def test_member_scores_run_in_float32_unless_told_otherwise(pool_dir, monkeypatch):
     """On CUDA the job's amp is bfloat16; TTM's scoring stays in float32 (the release's
     autocast(False)) unless score_precision is 'amp'. CPU bf16 autocast stands in."""
-    xs, ys, _, _ = _episode()
+    xs, ys, _, _ = colour_episode()
     plain = _pool_method(pool_dir).scores(xs, ys, 0)
     monkeypatch.setattr(methods.devices, "autocast", lambda device, enabled=True: torch.autocast(
         "cpu", dtype=torch.bfloat16, enabled=enabled))
@@ -199,7 +177,7 @@ def _count_forwards(backbone) -> list[int]:
 
 def test_amt_scores_every_member_in_one_forward_and_classifies_in_one(pool_dir, monkeypatch):
     method = _pool_method(pool_dir, str_layers="fc1", str_ratio=0.5)
-    xs, ys, xq, yq = _episode()
+    xs, ys, xq, yq = colour_episode()
     sizes = _count_forwards(method.backbone)
     together = method.scores(xs, ys, 0)
     assert sizes == [3 * 2 * len(xs)]  # 3 members x [support; Z]
@@ -225,7 +203,7 @@ def test_finetuning_restores_the_weights_exactly(pool_dir, name):
     model = pool_dir / ("pm.pt" if name == "pmf" else "pool.pt")
     method = load_method(name, model, Hyper(lr=1e-2, ft_steps=3), CPU, seed=0)
     assert isinstance(method, FineTuned)
-    xs, ys, xq, _ = _episode()
+    xs, ys, xq, _ = colour_episode()
     before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
     with method.adapt(xs, ys, 0, queries=xq) as adapted:
         tuned = adapted.clean_logits
@@ -247,7 +225,7 @@ def test_finetuning_restores_the_weights_exactly(pool_dir, name):
 def test_embedding_cache_gives_the_logits_of_a_direct_forward(pool_dir):
     method = load_method("pm", pool_dir / "pm.pt", Hyper(), CPU)
     assert isinstance(method, FrozenMethod)
-    xs, ys, xq, _ = _episode()
+    xs, ys, xq, _ = colour_episode()
     images = torch.cat([xs, xq])
     ids = np.arange(100, 100 + len(images)) * 3
     order = np.random.default_rng(0).permutation(len(ids))
@@ -271,7 +249,7 @@ def test_embedding_cache_gives_the_logits_of_a_direct_forward(pool_dir):
 
 def test_logit_average_is_the_mean_of_the_members_alone(pool_dir):
     method = _pool_method(pool_dir, "amt_logit_avg")
-    xs, ys, xq, yq = _episode()
+    xs, ys, xq, yq = colour_episode()
     expected = []
     for p in range(3):
         backbone, head = _member_model(pool_dir, p)
@@ -302,7 +280,7 @@ def test_diff_augment_is_pmfs_colour_and_translation():
 
 def test_merged_spectra_rows(pool_dir):
     method = _pool_method(pool_dir, str_layers="fc1", str_ratio=0.5)
-    xs, ys, _, _ = _episode()
+    xs, ys, _, _ = colour_episode()
     frame = merged_spectra(method, xs, ys, 0, "dom", "amt", layers=["mlp.fc1"])
     assert set(frame.layer) == {"blocks.0.mlp.fc1", "blocks.1.mlp.fc1"}
     values = frame[frame.layer == "blocks.0.mlp.fc1"].singular_value.to_numpy()
@@ -316,7 +294,7 @@ def test_mixed_precision_adapts_and_attacks(pool_dir, monkeypatch, name):
     attacked; logits stay float32, agree with the float32 run, and the attack keeps its budget."""
     model = pool_dir / {"pm": "pm.pt", "pmf": "pm.pt", "lora": "member0.pt"}.get(name, "pool.pt")
     hyper = Hyper(lr=1e-2, ft_steps=2, str_layers="all", str_ratio=0.5)
-    xs, ys, xq, yq = _episode()
+    xs, ys, xq, yq = colour_episode()
     with load_method(name, model, hyper, CPU, amp=True, seed=0).adapt(xs, ys, 0, xq) as plain:
         expected = plain.clean_logits
     monkeypatch.setattr(methods.devices, "autocast", lambda device, enabled=True: torch.autocast(

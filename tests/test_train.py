@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from builders import Episodes, Killed, train_config
 from torch.utils.data import Dataset
 
 from amt import devices
@@ -36,39 +37,6 @@ from amt.train import MetaTuner, register, train
 CPU = torch.device("cpu")
 
 
-class Killed(Exception):
-    """Stands for the process being killed while episode data is loaded."""
-
-
-class Episodes(Dataset):
-    """Synthetic episodes: class k's images are noise around a colour of its own."""
-
-    def __init__(self, length: int, ways: int = 3, shots: int = 2, queries: int = 2,
-                 size: int = 32, kill_at: int | None = None, nan_at: int | None = None) -> None:
-        self.length, self.ways, self.shots, self.queries, self.size = (length, ways, shots,
-                                                                       queries, size)
-        self.kill_at, self.nan_at = kill_at, nan_at
-
-    def __len__(self) -> int:
-        return self.length
-
-    def _images(self, per_class: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.arange(self.ways).repeat_interleave(per_class)
-        colours = torch.linspace(0.2, 0.8, self.ways)[labels].view(-1, 1, 1, 1)
-        noise = torch.rand(len(labels), 3, self.size, self.size, generator=g)
-        return (0.7 * colours + 0.3 * noise).clamp(0, 1), labels
-
-    def __getitem__(self, i: int):
-        if i == self.kill_at:
-            raise Killed(f"killed at episode {i}")
-        g = torch.Generator().manual_seed(1000 + i)
-        xs, ys = self._images(self.shots, g)
-        xq, yq = self._images(self.queries, g)
-        if i == self.nan_at:
-            xq = torch.full_like(xq, float("nan"))
-        return xs, ys, xq, yq
-
-
 @pytest.fixture
 def tiny_file(tmp_path) -> Path:
     """A tiny_vit backbone file in the flat (DINO-like) layout."""
@@ -78,13 +46,6 @@ def tiny_file(tmp_path) -> Path:
     return path
 
 
-def _config(tiny_file: Path | None, **overrides) -> TrainConfig:
-    base = dict(backbone="tiny_vit", backbone_checkpoint=str(tiny_file) if tiny_file else None,
-                epochs=2, episodes_per_epoch=3, warmup_epochs=1, lr=0.05, rank=2,
-                attack_steps=2, checkpoint_every=2, log_every=100)
-    return TrainConfig(**{**base, **overrides})
-
-
 def _step(tuner: MetaTuner, index: int = 0, lr: float = 0.0):
     return tuner.step(Episodes(index + 1)[index], index, lr)
 
@@ -92,7 +53,7 @@ def _step(tuner: MetaTuner, index: int = 0, lr: float = 0.0):
 @pytest.mark.parametrize("method", ["pm", "lora", "amt"])
 def test_only_intended_parameters_get_gradients(method):
     torch.manual_seed(0)
-    tuner = MetaTuner(_config(None, method=method), CPU)
+    tuner = MetaTuner(train_config(None, method=method), CPU)
     _step(tuner)
     graded = {n for n, p in [*tuner.backbone.named_parameters(prefix="backbone"),
                              *tuner.head.named_parameters(prefix="head")] if p.grad is not None}
@@ -115,14 +76,14 @@ def _forward_counter(tuner: MetaTuner) -> list[int]:
 
 def test_apsv_restores_adapters_exactly_and_costs_one_forward_backward():
     torch.manual_seed(0)
-    tuner = MetaTuner(_config(None, apq=False), CPU)
+    tuner = MetaTuner(train_config(None, apq=False), CPU)
     before = {n: p.detach().clone() for n, p in tuner.params.items()}
     calls = _forward_counter(tuner)
     _step(tuner, lr=0.0)
     assert calls == [12, 12]  # the ascent pass and the training pass, nothing else
     assert all(torch.equal(p, before[n]) for n, p in tuner.params.items())
     perturbed_grads = {n: p.grad.clone() for n, p in tuner.params.items()}
-    plain = MetaTuner(_config(None, apq=False, apsv=False), CPU)
+    plain = MetaTuner(train_config(None, apq=False, apsv=False), CPU)
     plain.load_trainable_state(before, Path("-"))
     plain_calls = _forward_counter(plain)
     _step(plain, lr=0.0)
@@ -133,7 +94,7 @@ def test_apsv_restores_adapters_exactly_and_costs_one_forward_backward():
 
 def test_apsv_perturbation_is_gamma_times_each_tensors_norm():
     torch.manual_seed(0)
-    tuner = MetaTuner(_config(None, apq=False, awp_gamma=0.01), CPU)
+    tuner = MetaTuner(train_config(None, apq=False, awp_gamma=0.01), CPU)
     xs, ys, xq, yq = Episodes(1)[0]
     saved = tuner.perturb_adapters(xs, ys, xq, yq, None, 3)
     tensors = [t for pair in adapter_parameters(tuner.backbone.vit).values() for t in pair]
@@ -144,7 +105,7 @@ def test_apsv_perturbation_is_gamma_times_each_tensors_norm():
 
 def test_amt_step_attacks_the_queries():
     torch.manual_seed(0)
-    tuner = MetaTuner(_config(None, attack_steps=3), CPU)
+    tuner = MetaTuner(train_config(None, attack_steps=3), CPU)
     calls = _forward_counter(tuner)
     metrics = _step(tuner, lr=0.05)
     # support prototypes once, clean logits once, 3 attack steps, ascent and training passes
@@ -155,13 +116,13 @@ def test_amt_step_attacks_the_queries():
 
 def test_random_pool_budget_is_drawn_per_episode_and_bounds_the_attack():
     choices = (1 / 255, 4 / 255, 16 / 255)
-    config = _config(None, budgets=choices, attack_steps=2)
+    config = train_config(None, budgets=choices, attack_steps=2)
     drawn = [config.episode_budget(i) for i in range(40)]
     assert set(drawn) == set(choices)  # every choice appears, nothing else
     assert drawn == [config.episode_budget(i) for i in range(40)]  # resumption draws the same
-    assert drawn != [_config(None, budgets=choices, seed=1).episode_budget(i)
+    assert drawn != [train_config(None, budgets=choices, seed=1).episode_budget(i)
                      for i in range(40)]  # pool members with their own seeds differ
-    assert _config(None, budgets=[2 / 255]).episode_budget(7) == 2 / 255
+    assert train_config(None, budgets=[2 / 255]).episode_budget(7) == 2 / 255
     torch.manual_seed(0)
     tuner = MetaTuner(config, CPU)
     for index in (drawn.index(choices[0]), drawn.index(choices[2])):
@@ -181,7 +142,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_file, monkeypatch):
     spec = BACKBONES["tiny_vit"]
     monkeypatch.setitem(BACKBONES, "tiny_vit", dataclasses.replace(
         spec, kwargs={**spec.kwargs, "drop_path_rate": 0.3}))
-    config = _config(tiny_file, episodes_per_epoch=2)
+    config = train_config(tiny_file, episodes_per_epoch=2)
     whole = train(config, Episodes(4), tmp_path / "whole")
     with pytest.raises(Killed):  # after episode 2, one past the checkpoint at 2 episodes
         train(config, Episodes(4, kill_at=3), tmp_path / "killed")
@@ -206,7 +167,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_file, monkeypatch):
 
 
 def test_load_trained_applies_adapters_to_the_recorded_backbone(tmp_path, tiny_file):
-    path = train(_config(tiny_file, method="lora", epochs=1), Episodes(3), tmp_path / "run")
+    path = train(train_config(tiny_file, method="lora", epochs=1), Episodes(3), tmp_path / "run")
     backbone, head = load_trained(path)
     stored = load_tagged(path, "amt-model")
     live = adapter_parameters(backbone.vit)
@@ -220,7 +181,7 @@ def test_load_trained_applies_adapters_to_the_recorded_backbone(tmp_path, tiny_f
 
 def test_pm_model_file_holds_the_backbone(tmp_path):
     torch.manual_seed(0)
-    path = train(_config(None, method="pm", epochs=1), Episodes(3), tmp_path / "pm")
+    path = train(train_config(None, method="pm", epochs=1), Episodes(3), tmp_path / "pm")
     backbone, _ = load_trained(path)
     stored = load_tagged(path, "amt-model")["backbone_state"]
     assert all(torch.equal(v, stored[k]) for k, v in backbone.vit.state_dict().items())
@@ -229,7 +190,7 @@ def test_pm_model_file_holds_the_backbone(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_file):
     out = tmp_path / "run"
     with pytest.raises(TrainingError, match="episode 3: non-finite loss.*checkpoint.pt kept"):
-        train(_config(tiny_file, method="lora"), Episodes(6, nan_at=3), out)
+        train(train_config(tiny_file, method="lora"), Episodes(6, nan_at=3), out)
     ckpt = load_tagged(out / CHECKPOINT, "amt-checkpoint")
     assert ckpt["episode"] == 2
     assert all(torch.isfinite(t).all() for t in ckpt["trainable"].values())
@@ -243,19 +204,19 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, tiny_file, pickled_co
     torch.save({"format": "amt-checkpoint", "format_version": 1, "x": payload},
                out / CHECKPOINT)
     with pytest.raises(CheckpointError, match="checkpoint.pt: refused"):
-        train(_config(tiny_file), Episodes(6), out)
+        train(train_config(tiny_file), Episodes(6), out)
     assert not marker.exists()
 
 
 def test_bad_episode_and_config_are_named(tmp_path, tiny_file):
     with pytest.raises(TrainingError, match="episode 0: support images \\(6, 3, 48, 48\\)"):
-        train(_config(tiny_file, method="lora"), Episodes(6, size=48), tmp_path / "a")
+        train(train_config(tiny_file, method="lora"), Episodes(6, size=48), tmp_path / "a")
     with pytest.raises(ValueError, match="the run needs 2 epochs x 3 = 6"):
-        train(_config(tiny_file), Episodes(5), tmp_path / "b")
+        train(train_config(tiny_file), Episodes(5), tmp_path / "b")
     with pytest.raises(ValueError, match="needs backbone_checkpoint"):
-        train(_config(None), Episodes(6), tmp_path / "c")
+        train(train_config(None), Episodes(6), tmp_path / "c")
     with pytest.raises(ValueError, match="method='adv': expected one of"):
-        _config(tiny_file, method="adv")
+        train_config(tiny_file, method="adv")
 
 
 def test_vits16_in_dino_layout_lora_adapts_and_trains_one_step(tmp_path):
@@ -395,8 +356,8 @@ def bf16_autocast(monkeypatch):
 @pytest.mark.parametrize("method", ["pm", "lora", "amt"])
 def test_mixed_precision_step_trains_float32_parameters(bf16_autocast, method):
     torch.manual_seed(0)
-    mixed = MetaTuner(_config(None, method=method), CPU)
-    reference = MetaTuner(_config(None, method=method, amp=False), CPU)
+    mixed = MetaTuner(train_config(None, method=method), CPU)
+    reference = MetaTuner(train_config(None, method=method, amp=False), CPU)
     reference.load_trainable_state({n: p.detach().clone() for n, p in mixed.params.items()},
                                    Path("-"))
     before = {n: p.detach().clone() for n, p in mixed.params.items()}
@@ -421,6 +382,6 @@ def test_identical_runs_write_byte_identical_model_files(tmp_path, tiny_file, mo
     paths = []
     for i in range(2):
         monkeypatch.setattr(os, "getpid", lambda i=i: 1000 + i)
-        paths.append(train(_config(tiny_file, method="lora", epochs=1), Episodes(3),
+        paths.append(train(train_config(tiny_file, method="lora", epochs=1), Episodes(3),
                            tmp_path / f"run{i}"))
     assert paths[0].read_bytes() == paths[1].read_bytes()
