@@ -1,6 +1,7 @@
 """AMT benchmark: raw datasets -> HDF5 domains -> episodes -> LoRA pools -> results -> tables."""
 
 import os
+import sys
 
 from snakemake.utils import min_version
 
@@ -20,6 +21,8 @@ if not workflow.overwrite_configfiles:
 # Checked before anything is planned: a bad key or value ends the run with a short message
 # naming it. The plan (amt/plan.py) then says which jobs exist and what each one gets.
 PLAN = exit_on_error(check, config, load_schema())
+if workflow.is_main_process:  # not again in each job a cluster executor starts
+    print(PLAN.summary(), file=sys.stderr)
 
 # Many jobs read the same HDF5 stores at once; HDF5's file locks fail or hang on NFS and Lustre,
 # and readers need none (a store is written once, to a .partial file, then renamed). Every job,

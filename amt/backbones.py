@@ -4,23 +4,28 @@ A ``Backbone`` maps [0, 1] pixel images to embeddings (the pooled output of the 
 ``global_pool`` of the spec, the CLS token for the official ViT-S/16 files); the
 normalisation lives inside it so that attacks perturb pixels. Official checkpoints are read with
 ``torch.load(weights_only=True)``; each family has one function that turns the file's layout
-into timm's keys, and position embeddings are resampled from the file's patch grid to the one
-of the requested image size.
+into timm's keys. Position embeddings of another patch grid than the requested image size's
+are either resampled once at load (timm's antialiased ``resample_abs_pos_embed``) or kept at
+the file's grid and interpolated on every forward as DINO's ``interpolate_pos_encoding`` does
+(PMF and the AMT release: AMT models/vision_transformer_amt_merge.py:170-197).
 """
 
 from __future__ import annotations
 
+import math
+import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import PatchEmbed, freeze_batch_norm_2d, resample_abs_pos_embed
 from torch import Tensor, nn
 
 from amt.checkpoints import CheckpointError, is_model_file, load_file
-from amt.registry import BackboneEntry, backbone_entry
+from amt.registry import POS_EMBEDS, BackboneEntry, backbone_entry
 
 _SHOWN = 5  # keys listed in an error message
 
@@ -198,22 +203,68 @@ class Backbone(nn.Module):
 
 
 def build_backbone(name: str, checkpoint: Path | None, image_size: int,
-                   frozen_norms: bool = True) -> Backbone:
+                   frozen_norms: bool = True, pos_embed: str = POS_EMBEDS[0]) -> Backbone:
     """The named backbone at ``image_size``, with weights from ``checkpoint`` (an official file
     of that family, or our own ``model.pt`` holding a full backbone); None -> random weights.
     ``frozen_norms``: BatchNorms (the built-in stem's) use their stored statistics in train mode
-    too; only supervised pretraining trains them."""
+    too; only supervised pretraining trains them. ``pos_embed`` (a registry.POS_EMBEDS name):
+    a checkpoint's position embeddings of another grid are resampled once at load, or kept and
+    interpolated on every forward (random weights: the model's own grid either way)."""
     entry = backbone_entry(name)
     if image_size < 1:
         raise ValueError(f"image_size={image_size}: expected a positive int")
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"pos_embed={pos_embed!r}: expected one of {list(POS_EMBEDS)}")
     state = None if checkpoint is None else read_backbone_state(name, Path(checkpoint))
     vit = timm.create_model(entry.arch, pretrained=False, num_classes=0, img_size=image_size,
                             **_timm_kwargs(entry))
     if frozen_norms:
         vit = freeze_batch_norm_2d(vit)
+    if pos_embed == "interpolate":
+        interpolate_pos_embed_on_forward(vit, None if state is None else state.get("pos_embed"))
     if state is not None:
         _load_into(vit, _fit_pos_embed(state, vit, Path(checkpoint)), Path(checkpoint))
     return Backbone(vit, entry.mean, entry.std)
+
+
+def interpolate_pos_encoding(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
+    """DINO's ``interpolate_pos_encoding``: [1, 1 + N, D] embeddings of a square grid of N
+    patches -> [1, 1 + rows * cols, D], the patch part by bicubic interpolation with scale
+    factors (rows + 0.1) / sqrt(N) and (cols + 0.1) / sqrt(N), align_corners=False, no
+    antialias; untouched when the grid is already square with N patches (AMT:
+    models/vision_transformer_amt_merge.py:170-190; PMF: models/vision_transformer.py:156-178)."""
+    n, dim = pos_embed.shape[1] - 1, pos_embed.shape[2]
+    rows, cols = grid
+    if rows * cols == n and rows == cols:
+        return pos_embed
+    side = math.sqrt(n)
+    patches = pos_embed[:, 1:].reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side),
+                            mode="bicubic", align_corners=False, recompute_scale_factor=False)
+    if tuple(patches.shape[-2:]) != (rows, cols):
+        raise ValueError(f"interpolating a {int(side)}x{int(side)} grid of position embeddings "
+                         f"gave {tuple(patches.shape[-2:])}, not the model's {grid}")
+    return torch.cat([pos_embed[:, :1], patches.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+
+def _interpolated_pos_embed(vit: nn.Module, x: Tensor) -> Tensor:
+    """timm's ``_pos_embed`` (class token prepended, then the embeddings added) with the stored
+    embeddings interpolated to the patch grid on every call. Patch tokens come as [n, rows,
+    cols, D] from a ViT with ``dynamic_img_size`` (timm's test_vit), else as [n, L, D]."""
+    grid = tuple(x.shape[1:3]) if x.ndim == 4 else tuple(vit.patch_embed.grid_size)
+    x = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x.flatten(1, -2)], dim=1)
+    return vit.pos_drop(x + interpolate_pos_encoding(vit.pos_embed, grid))
+
+
+def interpolate_pos_embed_on_forward(vit: nn.Module, stored: Tensor | None) -> None:
+    """Give ``vit`` a position embedding parameter of ``stored``'s shape (None: its own) and
+    interpolate it to the patch grid on every forward, as DINO's ViT does."""
+    if vit.cls_token is None or vit.reg_token is not None or vit.no_embed_class:
+        raise ValueError(f"pos_embed='interpolate' needs a ViT with a class token whose position "
+                         f"embedding is added after it ({type(vit).__name__} differs)")
+    if stored is not None:
+        vit.pos_embed = nn.Parameter(torch.zeros_like(stored))
+    vit._pos_embed = types.MethodType(_interpolated_pos_embed, vit)
 
 
 def read_backbone_state(name: str, path: Path) -> StateDict:

@@ -9,9 +9,10 @@ is refused. Two tagged formats:
 - ``amt-model``: a finished model file (``model.pt``); its ``method`` says what it holds:
   ``pretrain`` and ``pm`` a full backbone (``backbone_state``, timm keys), ``lora`` and ``amt``
   adapters only (``lora``) to be applied to the backbone file recorded in it; all but
-  ``pretrain`` also the ProtoNet ``head``. ``release``: the ViT of the authors' released
-  checkpoint, its adapted layers holding their residual W_res (``amt.release``), read through
-  the pool that records it.
+  ``pretrain`` also the ProtoNet ``head``. ``pos_embed`` records how the backbone's position
+  embeddings were fitted to its image size (files without it: resampled at load).
+  ``release``: the ViT of the authors' released checkpoint, its adapted layers holding their
+  residual W_res (``amt.release``), read through the pool that records it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import timm
 import torch
 
 from amt.errors import UserError
+from amt.registry import POS_EMBEDS
 from data_prep.files import file_sha256 as sha256  # noqa: F401  (re-exported: amt names it so)
 from data_prep.files import fsync_file
 
@@ -38,6 +40,12 @@ MODEL_FORMAT = "amt-model"
 FORMAT_VERSION = 1
 # The files a training run leaves in its folder.
 CHECKPOINT, MODEL, LOG, MANIFEST = "checkpoint.pt", "model.pt", "train_log.csv", "manifest.json"
+
+
+def recorded_pos_embed(obj: dict) -> str:
+    """A model or pool file's position-embedding mode (registry.POS_EMBEDS); files written
+    before it was recorded resampled at load."""
+    return obj.get("pos_embed", POS_EMBEDS[0])
 
 
 class CheckpointError(UserError):

@@ -17,7 +17,15 @@ from amt import registry
 from amt.episodes import FixedSampler, sampler_from_setting
 from amt.plan import DEFAULT_STRATEGIES, Plan, path
 from amt.registry import METHODS, RELEASE_PUBLISHED, backbone_entry, parse_budget
-from amt.specs import CorruptionSpec, SanitySpec, build, grid_points, parse_attacks
+from amt.specs import (
+    CorruptionSpec,
+    SanitySpec,
+    StatsOptions,
+    build,
+    grid_points,
+    parse_attacks,
+)
+from data_prep.convert import CODECS
 from data_prep.sources import FETCHED, SELF_CONTAINED, SOURCES, source_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +61,12 @@ REGISTRY_ENUMS: dict[str, list] = {
     "severities": list(registry.SEVERITIES),
     "str_layers": [name for name in registry.STR_LAYERS if name != "none"],
     "kl_directions": list(registry.KL_DIRECTIONS),
+    "str_solvers": list(registry.STR_SOLVERS),
+    "score_precisions": list(registry.SCORE_PRECISIONS),
+    "test_transforms": list(registry.TEST_TRANSFORMS),
+    "pos_embeds": list(registry.POS_EMBEDS),
+    "average_cis": list(registry.AVERAGE_CIS),
+    "codecs": list(CODECS),
     "backbones": list(registry.BACKBONES),
     "sources": list(SOURCES),
 }
@@ -183,6 +197,7 @@ def _parse_values(config: dict) -> None:
         build(SanitySpec, evaluate.get("sanity", {}), "evaluate.sanity")
         for method, grid in evaluate.get("grids", {}).items():
             grid_points(grid, method, f"evaluate.grids.{method}")
+        build(StatsOptions, config.get("report", {}), "report")
     except ValueError as err:
         raise ConfigError(f"config key {err}") from None
 

@@ -44,7 +44,7 @@ from amt.episode_files import store_fingerprint
 from amt.episodes import Episode
 from amt.jobs import load_episode_job
 from amt.methods import EmbeddingCache, FrozenMethod, merged_spectra
-from amt.registry import method_entry
+from amt.registry import TEST_TRANSFORMS, method_entry
 from amt.rows import parse_spectra, validate_results, write_csv_atomic
 from amt.sanity import sanity_checks, sanity_runs
 from amt.selections import read_selection
@@ -83,7 +83,8 @@ class Evaluation:
             config.method, config.model, config.store, config.episodes, self.hyper,
             seed=config.seed, device=config.device, amp=config.amp,
             backbone_checkpoint=config.backbone_checkpoint, image_size=config.image_size,
-            resize=config.resize, setting_name=config.setting_name)
+            resize=config.resize, test_transform=config.test_transform,
+            setting_name=config.setting_name)
         self.device, self.store, self.method = self.job.device, self.job.store, self.job.method
         self.episodes, self.dataset = self.job.episodes, self.job.dataset
         self.image_size, self.resize = self.job.image_size, self.job.resize
@@ -101,7 +102,8 @@ class Evaluation:
             "episodes_sha256": sha256(c.episodes), "store": store_fingerprint(self.store),
             "hyperparameters": asdict(self.hyper), "attacks": [asdict(a) for a in c.attacks],
             "corruptions": asdict(c.corruptions), "seed": c.seed, "image_size": self.image_size,
-            "resize": self.resize, "amp": c.amp, "device": self.device.type}
+            "resize": self.resize, "test_transform": c.test_transform, "amp": c.amp,
+            "device": self.device.type}
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -261,6 +263,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for option, kind in (("--seed", int), ("--image-size", int), ("--resize", int),
                          ("--workers", int), ("--log-every", int)):
         p.add_argument(option, type=kind)
+    p.add_argument("--test-transform", choices=TEST_TRANSFORMS)
     p.add_argument("--device")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction)
     p.add_argument("--spectra-layers", nargs="+", help="LoRA layer name suffixes for the "

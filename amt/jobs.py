@@ -21,7 +21,7 @@ from amt.episode_files import check_episodes_fit, check_episodes_match, load_epi
 from amt.episodes import Episode
 from amt.methods import Method, load_method
 from amt.specs import Hyper
-from amt.transforms import test_transform
+from amt.transforms import test_transform as make_test_transform
 from data_prep.store import DomainStore
 
 
@@ -43,9 +43,10 @@ class EpisodeJob:
 
 def load_episode_job(method: str, model: Path, store: Path, episodes: Path, hyper: Hyper, *,
                      seed: int, device: str, amp: bool, backbone_checkpoint: Path | None,
-                     image_size: int | None, resize: int | None,
+                     image_size: int | None, resize: int | None, test_transform: str,
                      setting_name: str | None = None) -> EpisodeJob:
-    """The method ``method`` over ``model`` on the episodes of ``episodes`` from ``store``."""
+    """The method ``method`` over ``model`` on the episodes of ``episodes`` from ``store``,
+    its images through the test transform ``test_transform`` (a registry.TEST_TRANSFORMS name)."""
     where = devices.pick_device(device)
     domain = DomainStore(store)
     stored, meta = load_episodes(episodes)
@@ -53,7 +54,8 @@ def load_episode_job(method: str, model: Path, store: Path, episodes: Path, hype
     check_episodes_fit(domain, stored, meta, episodes, setting_name)
     built = load_method(method, model, hyper, where, amp, seed, backbone_checkpoint)
     size, resize = image_sizes(built, image_size, resize, model)
-    dataset = EpisodeDataset(domain, stored, test_transform(size, resize), seed)
+    dataset = EpisodeDataset(domain, stored, make_test_transform(size, resize, test_transform),
+                             seed)
     return EpisodeJob(where, domain, stored, built, size, resize, dataset)
 
 

@@ -19,7 +19,6 @@ pool member); ``unmerge`` drops it, leaving the residual untouched, so the round
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -54,16 +53,6 @@ def svd_init(weight: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     u, s, v = top_singular_triplets(w, rank)
     a, b = s.sqrt()[:, None] * v.T, u * s.sqrt()[None]
     return tuple(t.to(weight.device, weight.dtype) for t in (w - b @ a, a, b))
-
-
-def trim_singular_values(weight: Tensor, ratio: float) -> Tensor:
-    """Best rank-floor(ratio * min(out, in)) approximation of ``weight`` (STr), via float64 SVD."""
-    keep = math.floor(ratio * min(weight.shape))
-    if not 0 < ratio <= 1 or keep < 1:
-        raise ValueError(f"trim ratio {ratio}: expected (0, 1] keeping at least one of the "
-                         f"{min(weight.shape)} singular values")
-    u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
-    return ((u[:, :keep] * s[:keep]) @ vh[:keep]).to(weight.dtype)
 
 
 class LoRALinear(nn.Module):

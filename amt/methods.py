@@ -21,10 +21,11 @@ state (merged, trimmed, fine-tuned) inside it and restored when it exits.
   prototype) and inter_p (to the other prototypes), each averaged within a class and then over
   classes; score_p = gamma intra_p - (1 - gamma) inter_p; w_p = exp(beta (score_p - 1)) over the
   top k scores, normalised; W = W_res + sum_p w_p B_p A_p in every adapted layer; STr
-  (``amt.trim``) replaces W by its best rank-floor(rho min(out, in)) approximation in the
-  selected layers (the fused qkv counts as one layer). The ProtoNet head is the w-weighted
-  average of the chosen members' heads (scale and bias): each member learned its own scale, and
-  the merged model mixes them as it mixes their adapters.
+  (``amt.trim``, exact or the release's randomised solver: ``hyper.str_solver``) replaces W by
+  a rank-floor(rho min(out, in)) approximation in the selected layers (the fused qkv counts as
+  one layer). The scoring runs in float32 unless ``hyper.score_precision`` is 'amp'. The
+  ProtoNet head is the w-weighted average of the chosen members' heads (scale and bias): each
+  member learned its own scale, and the merged model mixes them as it mixes their adapters.
 - combine 'uniform': every member with weight 1/P, no scoring; combine 'logits': each member
   alone with its own prototypes and head, the logits averaged (no merged model, no STr).
 
@@ -60,18 +61,23 @@ from amt.protonet import ProtoHead, prototypes
 from amt.registry import STR_LAYERS, MethodEntry, method_entry
 from amt.rows import SPECTRA_COLUMNS
 from amt.specs import Hyper
-from amt.trim import trim_
+from amt.trim import trim
 
 
 # -- classifiers ----------------------------------------------------------------------------------
 class Classifier(nn.Module):
     """Queries [n, 3, S, S] in [0, 1] -> logits [n, N] against prototypes fixed at adaptation.
-    Valid inside the ``adapt`` context that made it (the backbone is in the episode's state)."""
+    Valid inside the ``adapt`` context that made it (the backbone is in the episode's state).
+
+    Made in eval mode, as the backbone it wraps: torchattacks' wrappers call ``train()`` on the
+    model they attack after each attack when its own flag says training, which would leave the
+    shared backbone in train mode."""
 
     def __init__(self, backbone: Backbone, head: ProtoHead, protos: Tensor, amp: bool) -> None:
         super().__init__()
         self.backbone, self.head, self.amp = backbone, head, amp
         self.register_buffer("protos", protos.detach())
+        self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
         with devices.autocast(x.device, self.amp):
@@ -79,12 +85,14 @@ class Classifier(nn.Module):
 
 
 class LogitAverage(nn.Module):
-    """Mean of the members' logits, each member alone with its own prototypes and head."""
+    """Mean of the members' logits, each member alone with its own prototypes and head; in
+    eval mode, as ``Classifier``."""
 
     def __init__(self, method: PoolMethod, protos: list[Tensor]) -> None:
         super().__init__()
         self.method, self.backbone = method, method.backbone
         self.protos = [p.detach() for p in protos]
+        self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
         logits = []
@@ -132,8 +140,9 @@ class Method:
             yield self.classify(head, xs, ys, queries)
 
     @torch.no_grad()
-    def embed(self, x: Tensor) -> Tensor:
-        with devices.autocast(self.device, self.amp):
+    def embed(self, x: Tensor, amp: bool | None = None) -> Tensor:
+        """Embeddings in float32, computed under the job's amp (or ``amp`` when given)."""
+        with devices.autocast(self.device, self.amp if amp is None else amp):
             return self.backbone(x).float()
 
     def classify(self, head: ProtoHead, xs: Tensor, ys: Tensor, queries: Tensor | None
@@ -337,7 +346,8 @@ class PoolMethod(Method):
         self._use({n: w[p] for n, w in self.stacked.items()})
 
     def scores(self, xs: Tensor, ys: Tensor, index: int) -> Tensor:
-        """[P, 2]: (intra_p, inter_p) of each member on one augmented copy of the support.
+        """[P, 2]: (intra_p, inter_p) of each member on one augmented copy of the support, its
+        embeddings in float32 or under the job's amp (``hyper.score_precision``).
 
         The members run side by side: the batch holds one copy of [support; Z] per member and
         each LoRA layer applies member p's weight to copy p (``LoRALinear``'s grouped form), so
@@ -348,12 +358,13 @@ class PoolMethod(Method):
             raise ValueError("test-time merging needs at least 2 classes (inter-class score)")
         cap = SCORING_IMAGES.get(self.device.type, SCORING_IMAGES["cpu"])
         P, per_forward = len(self.pool), max(1, cap // len(batch))
+        amp = self.amp and self.hyper.score_precision == "amp"
         parts = []
         try:
             for start in range(0, P, per_forward):
                 group = range(start, min(start + per_forward, P))
                 self._use({name: w[group.start:group.stop] for name, w in self.stacked.items()})
-                parts.append(self.embed(batch.repeat(len(group), 1, 1, 1)))
+                parts.append(self.embed(batch.repeat(len(group), 1, 1, 1), amp))
         finally:
             self._use(None)
         embeddings = torch.cat(parts).view(P, len(batch), -1)
@@ -395,7 +406,8 @@ class PoolMethod(Method):
         self._use(self._merged(plan, out=self.buffers))
         try:
             if self.trimmed:
-                trim_([layer.weight for layer in self.trimmed], self.hyper.str_ratio)
+                trim([layer.weight for layer in self.trimmed], self.hyper.str_ratio,
+                     self.hyper.str_solver, self.seed, index)
             yield self.head(plan)
         finally:
             self._use(None)

@@ -21,7 +21,9 @@ from amt.specs import (
     PoolConfig,
     PretrainConfig,
     SelectConfig,
+    StatsOptions,
     TrainConfig,
+    grid_points,
 )
 from data_prep.sources import FETCHED
 
@@ -155,11 +157,12 @@ class Plan:
 
     def convert_arguments(self, domain: str) -> str:
         """The converter's arguments but --out and --workers: the source, its raw folder, the
-        storage resolution, checksums and source-specific options."""
+        storage settings, checksums and source-specific options."""
         spec, raw = self.config["domains"][domain], self.raw_folder(domain)
         parts = [spec["source"], *(["--raw", raw] if raw else [])]
-        if "short_side" in spec:
-            parts += ["--short-side", str(spec["short_side"])]
+        for key in ("short_side", "squash_side", "codec"):
+            if key in spec:
+                parts += [f"--{key.replace('_', '-')}", str(spec[key])]
         if "checksums" in spec:
             parts += ["--checksums", spec["checksums"]]
         for key, value in spec.get("options", {}).items():
@@ -194,10 +197,12 @@ class Plan:
     def _train_spec(self, backbone: str, setting: str, trained: str, **fields: object
                     ) -> TrainConfig:
         schedule = {k: self.train[k] for k in SCHEDULE_KEYS if k in self.train}
+        spec = self.config["backbones"][backbone]
+        pos_embed = {"pos_embed": spec["pos_embed"]} if "pos_embed" in spec else {}
         return TrainConfig(method=TRAINED[trained].trainer, backbone=backbone,
                            backbone_checkpoint=self.backbone_checkpoint(backbone),
                            setting=self.config["settings"][setting], **schedule,
-                           **self._run_options(), **fields)
+                           **pos_embed, **self._run_options(), **fields)
 
     def baseline_spec(self, backbone: str, setting: str, trained: str) -> TrainConfig:
         return self._train_spec(backbone, setting, trained, seed=self.config["seed"])
@@ -272,12 +277,16 @@ class Plan:
         base = METHODS[method].base
         return base and self.selection(backbone, setting, domain, base)
 
-    def _image_options(self) -> dict:
-        episodes = self.config["episodes"]
-        return {k: episodes[k] for k in ("image_size", "resize") if k in episodes}
+    def _image_options(self, domain: str) -> dict:
+        """Input size and test transform: the domain's, else the episodes' / evaluate's."""
+        layers = (self.config["episodes"], self.evaluate, self.config["domains"][domain])
+        return {k: layer[k] for layer in layers for k in ("image_size", "resize",
+                                                          "test_transform") if k in layer}
 
     def select_spec(self, backbone: str, setting: str, domain: str, method: str
                     ) -> SelectConfig:
+        fixed = {k: self.evaluate[k] for k in ("str_solver", "score_precision")
+                 if k in self.evaluate}
         return SelectConfig(
             method=method, model=self.trained_artefact(backbone, setting, method),
             store=path("store", domain=domain),
@@ -285,7 +294,8 @@ class Plan:
             grid=self.evaluate["grids"][method],
             out=self.selection(backbone, setting, domain, method),
             base_selection=self.base_selection(backbone, setting, domain, method),
-            seed=self.config["seed"], **self._image_options(), **self._run_options())
+            seed=self.config["seed"], **fixed, **self._image_options(domain),
+            **self._run_options())
 
     def eval_spec(self, backbone: str, setting: str, domain: str, method: str) -> EvalConfig:
         spec = self.config["domains"][domain]
@@ -300,7 +310,7 @@ class Plan:
             attacks=self.evaluate.get("attacks", []),
             corruptions=self.evaluate.get("corruptions", {}),
             sanity=self.evaluate.get("sanity", {}), seed=self.config["seed"],
-            **self._image_options(), **self._run_options())
+            **self._image_options(domain), **self._run_options())
 
     # -- targets --------------------------------------------------------------------------------
     def evaluations(self) -> list[dict[str, str]]:
@@ -403,11 +413,31 @@ class Plan:
         return counts
 
     def grid_sizes(self) -> dict[str, int]:
-        """Points per selection job, by method."""
-        sizes = {}
-        for method, grid in self.evaluate.get("grids", {}).items():
-            sizes[method] = 1
-            for values in grid.values():
-                sizes[method] *= len(values)
-        return sizes
+        """Points per selection job, by method (a staged grid: its stages' points added)."""
+        return {method: len(grid_points(grid, method))
+                for method, grid in self.evaluate.get("grids", {}).items()}
+
+    def summary(self) -> str:
+        """The jobs per rule and the grid size per method, as a short table."""
+        counts = self.job_counts()
+        lines = [f"{sum(counts.values())} jobs:"]
+        lines += [f"  {rule:<24} {count:>6}" for rule, count in sorted(counts.items())
+                  if count]
+        sizes = self.grid_sizes()
+        if sizes:
+            lines.append("grid points per selection job (validation episodes each):")
+            lines += [f"  {method:<24} {size:>6}" for method, size in sizes.items()]
+        return "\n".join(lines)
+
+    # -- report ---------------------------------------------------------------------------------
+    def stats_options(self) -> StatsOptions:
+        return StatsOptions(**self.config.get("report", {}))
+
+    def report_arguments(self) -> str:
+        """The report command's statistics and reference-method options."""
+        stats = self.stats_options()
+        parts = ["--std-ddof", str(stats.std_ddof), "--average-ci", stats.average_ci]
+        if "references" in self.evaluate:
+            parts += ["--reference-methods", *self.evaluate["references"]]
+        return shlex.join(parts)
 

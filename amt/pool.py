@@ -2,20 +2,21 @@
 
 All members share the SVD residual W_res of the backbone file they were trained on (the SVD is
 deterministic, see ``amt.lora``), so the pool file holds the backbone *reference* once (name,
-file, SHA-256, image size, rank, targets) and, per member, its adapters, its ProtoNet head, its
-training budgets (what it actually trained with: one fixed budget, or the several it drew
-from per episode; none for plain lora or with APQ off) and training configuration.
+file, SHA-256, image size, position-embedding mode, rank, targets) and, per member, its
+adapters, its ProtoNet head, its training budgets (what it actually trained with: one fixed
+budget, or the several it drew from per episode; none for plain lora or with APQ off) and
+training configuration.
 ``load_pool`` rebuilds W_res from the backbone file, whose SHA-256 must match, instead of
 storing it again: by SVD (``residual`` "svd"), or, for the authors' released pool, whose
 backbone file holds the residuals themselves, as stored ("stored", ``amt.release``).
 ``pos_embed`` records how the backbone's position embeddings meet the image size
-(``amt.registry.POS_EMBED_MODES``).
+(``amt.registry.POS_EMBEDS``).
 
 File (``torch.save``; loads with ``weights_only=True``)::
 
     {"format": "amt-pool", "format_version": 1, "strategy": "separate",
-     "backbone", "backbone_checkpoint", "backbone_sha256", "image_size", "rank", "targets",
-     "residual": "svd", "pos_embed": "resample",
+     "backbone", "backbone_checkpoint", "backbone_sha256", "image_size", "pos_embed", "rank",
+     "targets", "residual": "svd",
      "members": [{"source", "source_sha256", "method", "budgets", "config",
                   "lora": {name.A, name.B}, "head": {scale, bias}}, ...]}
 
@@ -38,19 +39,21 @@ from amt.checkpoints import (
     MODEL_FORMAT,
     CheckpointError,
     load_tagged,
+    recorded_pos_embed,
     save_atomic,
     sha256,
 )
 from amt.lora import RESIDUALS, LoRAState, inject_lora
 from amt.protonet import ProtoHead
-from amt.registry import POOL_STRATEGIES, POS_EMBED_MODES
+from amt.registry import POOL_STRATEGIES, POS_EMBEDS
 from amt.specs import PoolConfig, add_spec_argument, spec_from_args
 
 log = logging.getLogger(__name__)
 
 POOL_FORMAT = "amt-pool"
 MEMBER_METHODS = ("lora", "amt")
-SHARED = ("backbone", "backbone_checkpoint", "backbone_sha256", "image_size", "rank", "targets")
+SHARED = ("backbone", "backbone_checkpoint", "backbone_sha256", "image_size", "pos_embed", "rank",
+          "targets")
 
 
 @dataclass
@@ -81,7 +84,8 @@ def _member(path: Path) -> dict:
 
 
 def _shared(obj: dict) -> dict:
-    return {k: list(obj[k]) if k == "targets" else obj[k] for k in SHARED}
+    shared = {**obj, "pos_embed": recorded_pos_embed(obj)}
+    return {k: list(shared[k]) if k == "targets" else shared[k] for k in SHARED}
 
 
 def _budgets(obj: dict) -> list[float]:
@@ -112,12 +116,11 @@ def assemble_pool(config: PoolConfig) -> Path:
 
 
 def write_pool(reference: dict, members: list[dict], strategy: str, out: Path,
-               residual: str = "svd", pos_embed: str = POS_EMBED_MODES[0]) -> Path:
-    """The pool file: the shared backbone reference (SHARED keys), how W_res and the position
-    embeddings are rebuilt from it, and the members."""
+               residual: str = "svd") -> Path:
+    """The pool file: the shared backbone reference (SHARED keys, the position-embedding mode
+    among them), how W_res is rebuilt from it, and the members."""
     save_atomic({"format": POOL_FORMAT, "format_version": FORMAT_VERSION, "strategy": strategy,
-                 **reference, "residual": residual, "pos_embed": pos_embed,
-                 "members": members}, out)
+                 **reference, "residual": residual, "members": members}, out)
     log.info("pool of %d members (budgets %s) on %s -> %s", len(members),
              [[round(b, 5) for b in m["budgets"]] for m in members], reference["backbone"],
              out)
@@ -130,16 +133,16 @@ def load_pool(path: Path, device: torch.device | str = "cpu",
     (or ``backbone_checkpoint``, which must have the recorded SHA-256), everything frozen."""
     obj = load_tagged(Path(path), POOL_FORMAT)
     # pools written before these keys existed: SVD residuals, resampled position embeddings
-    residual, pos_embed = obj.get("residual", "svd"), obj.get("pos_embed", POS_EMBED_MODES[0])
-    if residual not in RESIDUALS or pos_embed not in POS_EMBED_MODES:
+    residual, pos_embed = obj.get("residual", "svd"), recorded_pos_embed(obj)
+    if residual not in RESIDUALS or pos_embed not in POS_EMBEDS:
         raise CheckpointError(f"{path}: residual {residual!r} and pos_embed {pos_embed!r}: this "
                               f"code rebuilds residuals {list(RESIDUALS)} and position "
-                              f"embeddings {list(POS_EMBED_MODES)}")
+                              f"embeddings {list(POS_EMBEDS)}")
     base = Path(backbone_checkpoint or obj["backbone_checkpoint"])
     if sha256(base) != obj["backbone_sha256"]:
         raise CheckpointError(f"{path}: its members were trained on a backbone file with "
                               f"SHA-256 {obj['backbone_sha256']}; {base} differs")
-    backbone = build_backbone(obj["backbone"], base, obj["image_size"])
+    backbone = build_backbone(obj["backbone"], base, obj["image_size"], pos_embed=pos_embed)
     inject_lora(backbone.vit, obj["rank"], obj["targets"], residual)
     backbone.requires_grad_(False).eval().to(device)
     members, heads = [], []
@@ -152,7 +155,7 @@ def load_pool(path: Path, device: torch.device | str = "cpu",
         head.load_state_dict(member["head"])
         heads.append(head.requires_grad_(False).to(device))
     return Pool(backbone, members, heads, [tuple(m["budgets"]) for m in obj["members"]],
-                obj["strategy"], {k: obj[k] for k in SHARED})
+                obj["strategy"], _shared(obj))
 
 
 def cmd_pool(args: argparse.Namespace) -> int:

@@ -48,6 +48,24 @@ KL_DIRECTIONS = ("adv_clean", "clean_adv")  # KL(p_adv || p_clean), KL(p_clean |
 # -- LoRA layers and singular value trimming ------------------------------------------------------
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # layer-name suffixes
 STR_LAYERS: dict[str, tuple[str, ...]] = {"none": (), "fc1": ("mlp.fc1",), "all": LORA_TARGETS}
+# STr's truncation: the exact best rank-k approximation, or the release's randomised
+# torch.svd_lowrank(q=k, niter=2) (seeded per episode)
+STR_SOLVERS = ("exact", "lowrank")
+
+# -- test time ------------------------------------------------------------------------------------
+# Precision of TTM's member scoring: float32 (the release: autocast off) or the job's amp dtype.
+SCORE_PRECISIONS = ("fp32", "amp")
+# How a stored image becomes the model's input: "crop" keeps the aspect ratio (shorter side to
+# `resize`, centre crop); "squash" resizes to resize x resize, then centre crops (BSCD-FSL).
+TEST_TRANSFORMS = ("crop", "squash")
+# Position embeddings at another input size than the checkpoint's: "resample" once at load
+# (timm), or "interpolate" the checkpoint's grid on every forward (DINO, PMF, the release).
+POS_EMBEDS = ("resample", "interpolate")
+
+# -- report ---------------------------------------------------------------------------------------
+# A domain average's CI: sqrt(sum of the domains' CI^2) / D (independent domains), or the mean
+# of the domains' CIs (the release's test_meta_dataset.py)
+AVERAGE_CIS = ("pooled", "mean")
 
 # -- trained methods ------------------------------------------------------------------------------
 POOL_STRATEGIES = ("separate", "uniform", "random")  # how a pool's members get their budgets
@@ -158,10 +176,6 @@ METHODS: dict[str, MethodEntry] = {e.name: e for e in (
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OWN_WEIGHTS = "produced by `python -m amt pretrain`"
-# How a backbone's position embeddings meet the image size: build_backbone's resampling of the
-# file's grid, once at load. Pool files record it, so that a mode added later never reads a
-# pool as written under another.
-POS_EMBED_MODES = ("resample",)
 
 
 @dataclass(frozen=True)

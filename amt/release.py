@@ -207,12 +207,12 @@ def import_release(config: ImportConfig) -> Path:
                for i, s in enumerate(states)]
     reference = {"backbone": config.backbone, "backbone_checkpoint": str(config.backbone_out),
                  "backbone_sha256": sha256(config.backbone_out), "image_size": config.image_size,
-                 "rank": states[0].rank, "targets": list(LORA_TARGETS)}
+                 "pos_embed": config.pos_embed, "rank": states[0].rank,
+                 "targets": list(LORA_TARGETS)}
     log.info("%s: %d experts of rank %d on %s (epoch %s), head scale %.4f bias %.4f",
              source, len(states), states[0].rank, config.backbone, info["epoch"],
              float(head["scale"]), float(head["bias"]))
-    return write_pool(reference, records, "separate", config.out, residual="stored",
-                      pos_embed=config.pos_embed)
+    return write_pool(reference, records, "separate", config.out, residual="stored")
 
 
 def _check_fits(config: ImportConfig, states: list[LoRAState], rank: int) -> None:

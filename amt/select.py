@@ -7,15 +7,18 @@
 Grid keys: ``beta``, ``gamma``, ``top_k``, ``str`` (each value ``"none"`` or
 ``{"layers": "fc1" | "all", "ratio": rho}``) and ``lr`` (test-time fine-tuning; 0 = none); a
 method may only use the keys it has (its registry entry's ``tuned``). amt_ft takes its merging
-hyperparameters from an amt selection (``--selection``) and selects ``lr``. Every point of the
-Cartesian product (in the order given) scores the mean clean accuracy over the validation
-episodes; the best wins and ties go to the earliest point, so list the defaults first. The JSON
-keeps every point's mean and per-episode accuracies: how flat the grid is shows there.
+hyperparameters from an amt selection (``--selection``) and selects ``lr``. A grid object is one
+stage: every point of its Cartesian product (in the order given); a list of grid objects is
+searched stage after stage, each stage at the best point of those before, as the release
+searches (beta and gamma, then STr, then lr: ``[{"beta": [...], "gamma": [...]},
+{"str": [...]}]``). A point scores the mean clean accuracy over the validation episodes; the
+best wins and ties go to the earliest point, so list the defaults first. The JSON keeps every
+point's mean and per-episode accuracies: how flat the grid is shows there.
 
 Cheap: TTM's member scores do not depend on beta, gamma, top_k or STr, so they are computed once
 per episode (the P members side by side); a point then costs a merge (+ STr) and one forward of
 support and queries, and points giving the same merge (e.g. every beta at top_k 1) share one
-evaluation.
+evaluation. With stages, the member scores are kept from the first stage for the next.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -35,21 +38,26 @@ from amt import devices
 from amt.checkpoints import sha256, write_json_atomic
 from amt.jobs import load_episode_job
 from amt.methods import FineTuned, Method, PoolMethod
-from amt.registry import METHODS, method_entry
+from amt.registry import (
+    METHODS,
+    SCORE_PRECISIONS,
+    STR_SOLVERS,
+    TEST_TRANSFORMS,
+    method_entry,
+)
 from amt.selections import SELECTION_FORMAT, load_selection
-from amt.specs import Hyper, SelectConfig, add_spec_argument, grid_points, spec_from_args
+from amt.specs import Hyper, SelectConfig, add_spec_argument, grid_stages, spec_from_args
 
 log = logging.getLogger(__name__)
 
 
-def _base(config: SelectConfig, points: list[dict]) -> tuple[Hyper, list[str]]:
+def _base(config: SelectConfig, stages: list[list[dict]]) -> tuple[Hyper, list[str]]:
     """The fixed hyperparameters and the full list of selected ones; raises if the method
     uses one that neither the grid nor the base selection sets."""
     base, selected = (load_selection(config.base_selection, config.model)
                       if config.base_selection else (Hyper(), []))
-    if config.ft_steps is not None:
-        base = replace(base, ft_steps=config.ft_steps)
-    chosen = sorted(set(selected) | set(points[0]))
+    base = replace(base, **config.fixed)
+    chosen = sorted(set(selected).union(*(stage[0] for stage in stages)))
     missing = [k for k in method_entry(config.method).tuned if k not in chosen]
     if missing:
         raise ValueError(f"method {config.method} uses {missing} but neither --grid nor "
@@ -64,13 +72,18 @@ def _pool_method(method: Method) -> PoolMethod | None:
 
 
 def score_grid(method: Method, points: list[dict], base: Hyper,
-               batches: Iterable[tuple[int, tuple[Tensor, ...]]]) -> list[list[float]]:
-    """Per point, the clean accuracy on each validation episode."""
+               batches: Iterable[tuple[int, tuple[Tensor, ...]]],
+               member_scores: dict[int, Tensor] | None = None) -> list[list[float]]:
+    """Per point, the clean accuracy on each validation episode. ``member_scores``: TTM's
+    scores by episode, filled on first use (they depend on the episode only)."""
     pool = _pool_method(method)
     scoring = pool is not None and pool.entry.combine == "ttm"
+    member_scores = {} if member_scores is None else member_scores
     accuracies: list[list[float]] = [[] for _ in points]
     for index, (xs, ys, xq, yq) in batches:
-        scores = pool.scores(xs, ys, index) if scoring else None  # once per episode
+        if scoring and index not in member_scores:  # once per episode
+            member_scores[index] = pool.scores(xs, ys, index)
+        scores = member_scores.get(index)
         memo: dict[tuple, float] = {}
         for i, point in enumerate(points):
             hyper = replace(base, **point)
@@ -87,35 +100,54 @@ def score_grid(method: Method, points: list[dict], base: Hyper,
     return accuracies
 
 
+def search(method: Method, stages: list[list[dict]], base: Hyper,
+           batches: Callable[[], Iterable[tuple[int, tuple[Tensor, ...]]]]
+           ) -> tuple[dict, list[dict]]:
+    """The best point (every stage's keys) and every evaluated point's record; stage s runs
+    at the best point of stages < s. ``batches`` loads the validation episodes (per stage)."""
+    best_point: dict = {}
+    records: list[dict] = []
+    member_scores: dict[int, Tensor] = {}
+    for number, points in enumerate(stages):
+        at = replace(base, **best_point)
+        accuracies = score_grid(method, points, at, batches(), member_scores)
+        means = [float(np.mean(a)) for a in accuracies]
+        best = int(np.argmax(means))  # the first of equal maxima
+        best_point = {**best_point, **points[best]}
+        records += [{"stage": number, "point": p, "accuracy": m, "episode_accuracy": a}
+                    for p, m, a in zip(points, means, accuracies, strict=True)]
+        log.info("stage %d: chose %s (accuracy %.4f; range %.4f-%.4f over %d points)", number,
+                 points[best], means[best], min(means), max(means), len(points))
+    return best_point, records
+
+
 def select(config: SelectConfig) -> dict:
     """Grid-search the validation episodes and write the choice with every point's scores."""
     started = time.perf_counter()
-    points = grid_points(config.grid, config.method)
-    base, selected = _base(config, points)
+    stages = grid_stages(config.grid, config.method)
+    base, selected = _base(config, stages)
     job = load_episode_job(
         config.method, config.model, config.store, config.episodes, base, seed=config.seed,
         device=config.device, amp=config.amp, backbone_checkpoint=config.backbone_checkpoint,
-        image_size=config.image_size, resize=config.resize)
-    accuracies = score_grid(job.method, points, base, job.batches(config.workers))
-    means = [float(np.mean(a)) for a in accuracies]
-    best = int(np.argmax(means))  # the first of equal maxima
-    chosen = replace(base, **points[best])
+        image_size=config.image_size, resize=config.resize,
+        test_transform=config.test_transform)
+    best_point, records = search(job.method, stages, base, lambda: job.batches(config.workers))
+    final = [r for r in records if r["stage"] == len(stages) - 1]
     result = {
         "format": SELECTION_FORMAT, "method": config.method, "selected": selected,
-        "hyperparameters": asdict(chosen), "best_point": points[best],
-        "best_accuracy": means[best], "grid": config.grid,
-        "points": [{"point": p, "accuracy": m, "episode_accuracy": a}
-                   for p, m, a in zip(points, means, accuracies, strict=True)],
+        "hyperparameters": asdict(replace(base, **best_point)), "best_point": best_point,
+        "best_accuracy": max(r["accuracy"] for r in final), "grid": config.grid,
+        "points": records,
         "episodes": str(config.episodes), "episodes_sha256": sha256(config.episodes),
         "validation_episodes": len(job.episodes), "model": str(config.model),
         "model_sha256": sha256(config.model),
         "base_selection": config.base_selection and str(config.base_selection),
         "seed": config.seed, "image_size": job.image_size, "resize": job.resize,
+        "test_transform": config.test_transform,
         "device": devices.describe(job.device), "seconds": round(time.perf_counter() - started, 2)}
     write_json_atomic(result, config.out)
-    log.info("%s: chose %s (accuracy %.4f; grid range %.4f-%.4f over %d points) -> %s",
-             config.method, points[best], means[best], min(means), max(means), len(points),
-             config.out)
+    log.info("%s: chose %s (accuracy %.4f over %d points) -> %s", config.method, best_point,
+             result["best_accuracy"], len(records), config.out)
     return result
 
 
@@ -136,6 +168,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="amt_ft: the amt selection holding the merge hyperparameters")
     for option in ("--ft-steps", "--seed", "--image-size", "--resize", "--workers"):
         p.add_argument(option, type=int)
+    p.add_argument("--str-solver", choices=STR_SOLVERS)
+    p.add_argument("--score-precision", choices=SCORE_PRECISIONS)
+    p.add_argument("--test-transform", choices=TEST_TRANSFORMS)
     p.add_argument("--device")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction)
     p.add_argument("--out", type=Path)

@@ -22,14 +22,18 @@ import numpy as np
 from amt.errors import UserError
 from amt.registry import (
     ATTACKS,
+    AVERAGE_CIS,
     CORRUPTIONS,
     KL_DIRECTIONS,
     LORA_TARGETS,
     NORMS,
     POOL_STRATEGIES,
-    POS_EMBED_MODES,
+    POS_EMBEDS,
+    SCORE_PRECISIONS,
     SEVERITIES,
     STR_LAYERS,
+    STR_SOLVERS,
+    TEST_TRANSFORMS,
     TRAINERS,
     backbone_entry,
     method_entry,
@@ -150,6 +154,9 @@ class Hyper:
     str_ratio: float = 1.0  # rho
     lr: float = 0.0  # test-time fine-tuning (pmf, amt_ft); 0 = none
     ft_steps: int = 50
+    # Fixed, not selected (set by the config's evaluate section, recorded with the selection):
+    str_solver: str = "exact"  # a registry.STR_SOLVERS name
+    score_precision: str = "fp32"  # TTM's member scoring: a registry.SCORE_PRECISIONS name
 
     def __post_init__(self) -> None:
         _numbers(self, 0, "beta", "lr")
@@ -157,6 +164,8 @@ class Hyper:
         _ints(self, 1, "top_k")
         _ints(self, 0, "ft_steps")
         _choice(self, "str_layers", STR_LAYERS)
+        _choice(self, "str_solver", STR_SOLVERS)
+        _choice(self, "score_precision", SCORE_PRECISIONS)
         _expect(self, _is_number(self.str_ratio, 0) and 0 < self.str_ratio <= 1, "str_ratio",
                 "a number in (0, 1]")
 
@@ -178,19 +187,19 @@ def _str_value(value: object, where: str) -> dict:
                     "{\"layers\": \"fc1\" | \"all\", \"ratio\": rho}")
 
 
-def grid_points(grid: object, method: str, where: str = "--grid") -> list[dict]:
-    """The grid's points as Hyper keyword dicts, in product order; every key must be one the
+def _stage_points(stage: object, method: str, where: str) -> list[dict]:
+    """One stage's points as Hyper keyword dicts, in product order; every key must be one the
     method uses and every value list non-empty."""
-    if not isinstance(grid, dict) or not grid:
+    if not isinstance(stage, dict) or not stage:
         raise UserError(f"{where}: expected a non-empty object of value lists")
     tuned = method_entry(method).tuned
-    unknown = sorted(set(grid) - set(GRID_KEYS))
-    unused = [k for k in grid if k in GRID_KEYS and not set(GRID_KEYS[k]) <= set(tuned)]
+    unknown = sorted(set(stage) - set(GRID_KEYS))
+    unused = [k for k in stage if k in GRID_KEYS and not set(GRID_KEYS[k]) <= set(tuned)]
     if unknown or unused:
         raise UserError(f"{where}: keys {unknown + unused} are unknown or not used by method "
                         f"{method}, which uses {list(tuned)}")
     axes = []
-    for key, values in grid.items():
+    for key, values in stage.items():
         if not isinstance(values, list) or not values:
             raise UserError(f"{where}: {key}: expected a non-empty list of values")
         axes.append([_str_value(v, where) if key == "str" else {key: v} for v in values])
@@ -201,10 +210,35 @@ def grid_points(grid: object, method: str, where: str = "--grid") -> list[dict]:
     return points
 
 
+def grid_stages(grid: object, method: str, where: str = "--grid") -> list[list[dict]]:
+    """The grid's stages, each a list of points (Hyper keyword dicts). A grid is an object of
+    value lists, one stage searching every combination, or a list of such objects: stages
+    searched one after another, each at the best point of those before (the release's
+    sequential search: beta and gamma, then STr, then lr). A key belongs to one stage."""
+    stages = grid if isinstance(grid, list) else [grid]
+    if not stages:
+        raise UserError(f"{where}: expected an object of value lists or a list of them")
+    found, seen = [], set()
+    for i, stage in enumerate(stages):
+        found.append(_stage_points(stage, method, where if len(stages) == 1 else
+                                   f"{where}[{i}]"))
+        repeated = sorted(seen & set(stage))
+        if repeated:
+            raise UserError(f"{where}: keys {repeated} appear in more than one stage")
+        seen |= set(stage)
+    return found
+
+
+def grid_points(grid: object, method: str, where: str = "--grid") -> list[dict]:
+    """Every point a selection with ``grid`` evaluates, stage after stage (a later stage's
+    points hold only that stage's keys)."""
+    return [point for stage in grid_stages(grid, method, where) for point in stage]
+
+
 @functools.cache
 def _checked_grid(method: str, grid: str) -> None:
     """Check a grid once per (method, grid), however many domains select with it."""
-    grid_points(json.loads(grid), method, "grid")
+    grid_stages(json.loads(grid), method, "grid")
 
 
 # -- job specs ------------------------------------------------------------------------------------
@@ -220,6 +254,7 @@ class TrainConfig:
     backbone: str = "dino_vits16"
     backbone_checkpoint: str | None = None
     image_size: int | None = None  # None -> the backbone's default (128 for ViT-S/16)
+    pos_embed: str = POS_EMBEDS[0]  # a registry.POS_EMBEDS name (backbones.<name>.pos_embed)
     setting: dict = field(default_factory=lambda: dict(DEFAULT_SETTING))
     seed: int = 0
     epochs: int = 30
@@ -256,6 +291,7 @@ class TrainConfig:
         if self.image_size is None:
             self.image_size = backbone_entry(self.backbone).image_size
         backbone_entry(self.backbone)
+        _choice(self, "pos_embed", POS_EMBEDS)
         _choice(self, "kl_direction", KL_DIRECTIONS)
         _ints(self, 1, "image_size", "epochs", "episodes_per_epoch", "rank", "checkpoint_every",
               "log_every")
@@ -331,10 +367,14 @@ class SelectConfig:
     out: Path
     base_selection: Path | None = None  # amt_ft: the amt selection holding the merge choices
     backbone_checkpoint: Path | None = None
-    ft_steps: int | None = None  # None -> Hyper's default (or the base selection's)
+    # Hyper's fixed fields; None -> Hyper's default (or the base selection's)
+    ft_steps: int | None = None
+    str_solver: str | None = None
+    score_precision: str | None = None
     seed: int = 0
     image_size: int | None = None
     resize: int | None = None
+    test_transform: str = TEST_TRANSFORMS[0]  # a registry.TEST_TRANSFORMS name
     device: str = "auto"
     workers: int = 0
     amp: bool = True
@@ -346,6 +386,14 @@ class SelectConfig:
         self.backbone_checkpoint = _optional_path(self.backbone_checkpoint)
         _checked_grid(self.method, json.dumps(self.grid, sort_keys=True))
         _ints(self, 0, "seed", "workers")
+        _choice(self, "test_transform", TEST_TRANSFORMS)
+        build(Hyper, self.fixed, "SelectConfig")
+
+    @property
+    def fixed(self) -> dict:
+        """The Hyper fields it sets for every point (those given)."""
+        return {k: getattr(self, k) for k in ("ft_steps", "str_solver", "score_precision")
+                if getattr(self, k) is not None}
 
 
 @dataclass
@@ -369,6 +417,7 @@ class EvalConfig:
     seed: int = 0
     image_size: int | None = None  # None -> the model's
     resize: int | None = None  # None -> round(image_size * 146 / 128), the paper's ratio
+    test_transform: str = TEST_TRANSFORMS[0]  # a registry.TEST_TRANSFORMS name
     device: str = "auto"
     workers: int = 0
     amp: bool = True
@@ -377,6 +426,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         method_entry(self.method)
+        _choice(self, "test_transform", TEST_TRANSFORMS)
         for key in ("model", "store", "episodes", "out"):
             setattr(self, key, Path(getattr(self, key)))
         self.backbone_checkpoint = _optional_path(self.backbone_checkpoint)
@@ -443,6 +493,19 @@ class PoolConfig:
             raise UserError(f"members: listed more than once: {repeated}")
 
 
+@dataclass(frozen=True)
+class StatsOptions:
+    """How the report's tables summarise episodes (config key ``report``)."""
+
+    std_ddof: int = 1  # the episodes' std: 1 unbiased (the release, PMF: torch.std), 0 np.std
+    average_ci: str = AVERAGE_CIS[0]  # a domain average's CI: a registry.AVERAGE_CIS name
+
+    def __post_init__(self) -> None:
+        _expect(self, self.std_ddof in (0, 1) and not isinstance(self.std_ddof, bool),
+                "std_ddof", "0 or 1")
+        _choice(self, "average_ci", AVERAGE_CIS)
+
+
 @dataclass
 class ImportConfig:
     """One import of the authors' released AMT checkpoint into a pool file (``amt.release``)."""
@@ -452,7 +515,7 @@ class ImportConfig:
     backbone: str = "dino_vits16"  # the release's vit_small_amt_merge is DINO's ViT-S/16
     backbone_out: Path | None = None  # None -> beside the pool: <out stem>_backbone.pt
     image_size: int | None = None  # None -> the backbone's default (128 for ViT-S/16)
-    pos_embed: str = POS_EMBED_MODES[0]  # recorded in the pool
+    pos_embed: str = POS_EMBEDS[0]  # recorded in the pool
 
     def __post_init__(self) -> None:
         self.checkpoint, self.out = Path(self.checkpoint), Path(self.out)
@@ -461,7 +524,7 @@ class ImportConfig:
         if self.image_size is None:
             self.image_size = backbone_entry(self.backbone).image_size
         _ints(self, 1, "image_size")
-        _choice(self, "pos_embed", POS_EMBED_MODES)
+        _choice(self, "pos_embed", POS_EMBEDS)
         if self.backbone_out in (self.out, self.checkpoint):
             raise UserError(f"backbone_out={str(self.backbone_out)!r}: expected a file other "
                             "than the checkpoint and the pool")

@@ -112,7 +112,8 @@ class MetaTuner:
     def __init__(self, config: TrainConfig, device: torch.device) -> None:
         self.config, self.device = config, device
         checkpoint = Path(config.backbone_checkpoint) if config.backbone_checkpoint else None
-        self.backbone = build_backbone(config.backbone, checkpoint, config.image_size)
+        self.backbone = build_backbone(config.backbone, checkpoint, config.image_size,
+                                       pos_embed=config.pos_embed)
         self.head = ProtoHead()
         if config.method != "pm":
             inject_lora(self.backbone.vit, config.rank, config.targets)  # SVD on the CPU
@@ -243,7 +244,7 @@ class MetaTuner:
         cfg = self.config
         content = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION,
                    "method": cfg.method, "backbone": cfg.backbone, "image_size": cfg.image_size,
-                   "backbone_checkpoint": cfg.backbone_checkpoint,
+                   "pos_embed": cfg.pos_embed, "backbone_checkpoint": cfg.backbone_checkpoint,
                    "backbone_sha256": backbone_sha256, "config": asdict(cfg),
                    "head": cpu_state(self.head.state_dict())}
         if cfg.method == "pm":

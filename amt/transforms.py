@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from amt.registry import TEST_TRANSFORMS
+
 Transform = Callable[[np.ndarray, np.random.Generator], torch.Tensor]
 
 # ITU-R 601 luma weights, as PIL's RGB -> L conversion (used by ImageEnhance Contrast and Color).
@@ -121,12 +123,27 @@ def colour_jitter(x: np.ndarray, brightness: float, contrast: float, saturation:
     return _blend_(x, _luma(x)[None], saturation)
 
 
+def squash_crop_box(width: int, height: int, resize: int, size: int
+                    ) -> tuple[float, float, float, float]:
+    """Box in source pixels equal to ``Resize((resize, resize))`` (a squash: the aspect ratio
+    is not kept) then ``CenterCrop(size)``, rounded as torchvision rounds the crop."""
+    offset = int(round((resize - size) / 2.0))
+    sx, sy = width / resize, height / resize
+    return offset * sx, offset * sy, (offset + size) * sx, (offset + size) * sy
+
+
+BOXES = {"crop": centre_crop_box, "squash": squash_crop_box}  # registry.TEST_TRANSFORMS
+
+
 @dataclass(frozen=True)
 class EvalTransform:
-    """Resize the shorter side to ``resize``, centre-crop ``image_size``; no randomness."""
+    """``kind`` crop: resize the shorter side to ``resize`` (aspect kept), centre-crop
+    ``image_size``; squash: resize to ``resize`` x ``resize`` (PMF's BSCD-FSL transform,
+    Resize([147, 147]) at 128 px), centre-crop ``image_size``. No randomness."""
 
     image_size: int = 128
     resize: int = 146
+    kind: str = TEST_TRANSFORMS[0]
 
     def __post_init__(self) -> None:
         _positive_int("image_size", self.image_size)
@@ -134,11 +151,13 @@ class EvalTransform:
         if self.resize < self.image_size:
             raise ValueError(f"resize={self.resize} is smaller than image_size="
                              f"{self.image_size}: the centre crop would not fit")
+        if self.kind not in BOXES:
+            raise ValueError(f"test transform {self.kind!r}: expected one of {list(BOXES)}")
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None
                  ) -> torch.Tensor:
         pil = to_pil(image)
-        box = centre_crop_box(pil.width, pil.height, self.resize, self.image_size)
+        box = BOXES[self.kind](pil.width, pil.height, self.resize, self.image_size)
         size = (self.image_size, self.image_size)
         return torch.from_numpy(to_array(pil.resize(size, _RESAMPLE, box=box)))
 
@@ -178,8 +197,9 @@ def train_transform(image_size: int = 128) -> TrainTransform:
     return TrainTransform(image_size=image_size)
 
 
-def test_transform(image_size: int = 128, resize: int = 146) -> EvalTransform:
-    return EvalTransform(image_size=image_size, resize=resize)
+def test_transform(image_size: int = 128, resize: int = 146, kind: str = TEST_TRANSFORMS[0]
+                   ) -> EvalTransform:
+    return EvalTransform(image_size=image_size, resize=resize, kind=kind)
 
 
 test_transform.__test__ = False  # a factory, not a pytest test, when imported into a test module

@@ -12,7 +12,8 @@ count (5-way, 15 queries per class), side by side in one run:
   clean predictions, so every query is attacked); work: the amt work plus k forward-backwards
   of |Q| images (input gradients only).
 - STr: ``trim_`` (batched float32 Gram eigendecomposition) on the fc1 layers and on every LoRA
-  layer, as % of the amt episode; ``svd64`` is ``lora.trim_singular_values`` (float64
+  layer, as % of the amt episode; ``lowrank`` is the release's solver (``trim.lowrank_trim_``,
+  torch.svd_lowrank per layer); ``svd64`` is ``trim.trim_singular_values`` (float64
   torch.linalg.svd per layer) for comparison; "eigenvalues alone" times only
   ``torch.linalg.eigvalsh`` of every layer's Gram matrix (precomputed), the floor of any exact
   rank-k truncation of these full-rank weights on this device.
@@ -53,13 +54,13 @@ from amt.checkpoints import save_atomic
 from amt.conditions import robust_correct
 from amt.devices import autocast, describe, peak_memory, pick_device, reset_peak_memory
 from amt.evaluate import Evaluation
-from amt.lora import LoRAState, inject_lora, trim_singular_values
+from amt.lora import LoRAState, inject_lora
 from amt.methods import FrozenMethod, Method, PoolMethod
 from amt.pool import Pool
 from amt.protonet import ProtoHead
 from amt.registry import backbone_entry
 from amt.specs import AttackSpec, EvalConfig, Hyper
-from amt.trim import tall_stacks, trim_
+from amt.trim import lowrank_trim_, tall_stacks, trim_, trim_singular_values
 
 WAYS, QUERIES, RANK = 5, 15, 8
 
@@ -187,6 +188,8 @@ def _trim_times(method: PoolMethod, data, device: torch.device, repeats: int) ->
                       if suffix is None or name.endswith(suffix)]
             copies = [w.clone() for w in chosen]
             out[layers] = timed(lambda c=copies: trim_(c, 0.5), device, repeats)
+            out[f"{layers}_lowrank"] = timed(lambda c=copies: lowrank_trim_(c, 0.5, 0), device,
+                                             repeats)
             out[f"{layers}_svd64"] = timed(
                 lambda c=chosen: [trim_singular_values(w, 0.5) for w in c], device, 1, False)
         # the smaller Gram matrices, batched as trim_ batches them: their eigenvalues are the
@@ -349,9 +352,9 @@ def markdown(report: dict) -> str:
              f"class, P = {report['members']} members of rank {RANK}; "
              f"l_inf PGD-{report['steps']}", "",
              "| backbone | px | shots | pm s (x work) | amt s (x work; x same-shape forwards) | "
-             "amt+PGD s (x work) | STr fc1 % | STr all % | svd64 fc1 % | svd64 all % | "
-             "eigenvalues alone, all % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "amt+PGD s (x work) | STr fc1 % | STr all % | lowrank fc1 % | lowrank all % | "
+             "svd64 fc1 % | svd64 all % | eigenvalues alone, all % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["episodes"]:
         t = r["trim"]
         lines.append(
@@ -359,8 +362,9 @@ def markdown(report: dict) -> str:
             f"({r['pm'] / r['pm_work']:.2f}) | {r['amt']:.3f} ({r['amt'] / r['amt_work']:.2f}; "
             f"{r['amt'] / r['amt_shaped_work']:.2f}) | {r['pgd']:.2f} "
             f"({r['pgd'] / r['pgd_work']:.2f}) | "
-            + " | ".join(f"{100 * t[k] / r['amt']:.1f}" for k in ("fc1", "all", "fc1_svd64",
-                                                                  "all_svd64", "all_eigvalsh"))
+            + " | ".join(f"{100 * t[k] / r['amt']:.1f}" for k in (
+                "fc1", "all", "fc1_lowrank", "all_lowrank", "fc1_svd64", "all_svd64",
+                "all_eigvalsh"))
             + " |")
     lines += _throughput(report)
     if report["frozen"]:

@@ -1,13 +1,19 @@
-"""Storage layout benchmark: bytes per image and random single-image read rates.
+"""Storage benchmark: bytes per image and random single-image read rates.
 
-Compares, on the same images, three ways to hold a domain in HDF5:
+1. Layouts. Compares, on the same images, three ways to hold a domain in HDF5:
   encoded-flat  the project's format: encoded bytes back to back + offsets (data_prep.store)
   encoded-vlen  encoded bytes in a variable-length dataset, one element per image
   decoded-fixed fixed-size uint8 arrays (N, H, W, C), images resized to one size
-
 Images are random crops of the real photographs scikit-learn ships (natural-image statistics)
-stored at 160 px, and rendered-glyph-like greyscale 64 px images. Run:
-    python bench/bench_store.py [--images 2000] [--reads 3000] [--json]
+stored at 160 px, and rendered-glyph-like greyscale 64 px images.
+
+2. Storage settings (``data_prep.convert.StorageSettings``), in the project's format, on
+photo crops of ImageNet-like sizes (shorter side 250-427 px, aspect 3:4-4:3, every side >= 224):
+the default (JPEG q95 at a 160-px shorter side), PMF's pixels (squashed to 224 x 224, PNG:
+lossless) and the native size as PNG; PMF's own files hold the 224 x 224 arrays uncompressed
+(150,528 bytes an image). Reads include decoding. ``GB / 1.28M`` scales bytes per image to
+ImageNet's training set (Meta-Dataset's ilsvrc_2012), the largest domain. Run:
+    python bench/bench_store.py [--images 2000] [--reads 3000] [--settings-images 400] [--json]
 """
 
 from __future__ import annotations
@@ -40,6 +46,52 @@ def photo_crops(n: int, rng: np.random.Generator) -> list[np.ndarray]:
         crop = Image.fromarray(photo[top:top + h, left:left + w])
         crops.append(np.asarray(prepare_image(crop, StorageSettings(short_side=160))))
     return crops
+
+
+def imagenet_like(n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Random crops of the sample photos at ImageNet-like sizes, both sides >= 224."""
+    photos = load_sample_images().images
+    crops = []
+    for _ in range(n):
+        photo = photos[rng.integers(len(photos))]
+        h = int(rng.integers(250, photo.shape[0] + 1))
+        w = min(int(h * rng.uniform(0.75, 1.33)), photo.shape[1])
+        top, left = rng.integers(0, photo.shape[0] - h + 1), rng.integers(0, photo.shape[1] - w + 1)
+        crops.append(np.ascontiguousarray(photo[top:top + h, left:left + w]))
+    return crops
+
+
+STORAGE = {  # name -> the settings of a conversion
+    "default: JPEG q95, shorter side 160": StorageSettings(),
+    "PMF's pixels: squash 224, PNG": StorageSettings(short_side=None, squash_side=224,
+                                                     codec="png"),
+    "native size, PNG": StorageSettings(short_side=None, codec="png"),
+}
+IMAGENET_TRAIN = 1_281_167
+
+
+def storage_settings(images: list[np.ndarray], reads: int, rng: np.random.Generator
+                     ) -> list[dict]:
+    """Bytes per image on disk and read rates of each storage setting on the same images."""
+    rows = []
+    classes = [ClassSpec(f"c{i}", "test", images[i:i + 20]) for i in range(0, len(images), 20)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, settings in STORAGE.items():
+            path = Path(tmp) / "domain.h5"
+            start = time.perf_counter()
+            write_domain(path, source="bench", converter_version="0", classes=classes,
+                         load=np.asarray, settings=settings)
+            seconds = time.perf_counter() - start
+            store = DomainStore(path)
+            per_image = path.stat().st_size / len(images)
+            rows.append({"setting": name, "bytes_per_image": round(per_image),
+                         "gb_per_imagenet": round(per_image * IMAGENET_TRAIN / 1e9, 1),
+                         "encode_ms_per_image": round(1000 * seconds / len(images), 1),
+                         "reads_per_s": round(_rate(lambda i, s=store: s.read(int(i)),
+                                                    rng.integers(0, len(images), reads)))})
+            store.close()
+            path.unlink()
+    return rows
 
 
 def glyph_like(n: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -123,13 +175,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--reads", type=int, default=3000)
+    parser.add_argument("--settings-images", type=int, default=400)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = run("photo 160px RGB (JPEG q95)", photo_crops(args.images, rng), args.reads, rng)
     rows += run("glyph 64px grey (PNG)", glyph_like(args.images, rng), args.reads, rng)
+    sample = imagenet_like(args.settings_images, rng)
+    settings = storage_settings(sample, args.reads, rng)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"layouts": rows, "settings": settings}, indent=2))
         return
     print("| images | layout | bytes/image on disk | decoded uint8 bytes/image | random reads/s "
           "(incl. decode) |")
@@ -137,6 +192,14 @@ def main() -> None:
     for r in rows:
         print(f"| {r['images']} | {r['layout']} | {r['bytes_per_image']} | "
               f"{r['decoded_bytes_per_image']} | {r['reads_per_s']} |")
+    mean_side = np.mean([min(im.shape[:2]) for im in sample])
+    print(f"\n{len(sample)} photo crops, mean shorter side {mean_side:.0f} px:\n")
+    print("| storage setting | bytes/image on disk | GB / 1.28M images | encode ms/image | "
+          "random reads/s (incl. decode) |")
+    print("|---|---:|---:|---:|---:|")
+    for r in settings:
+        print(f"| {r['setting']} | {r['bytes_per_image']} | {r['gb_per_imagenet']} | "
+              f"{r['encode_ms_per_image']} | {r['reads_per_s']} |")
 
 
 if __name__ == "__main__":

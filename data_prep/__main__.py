@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from data_prep.checksums import verify_checksums
-from data_prep.convert import StorageSettings, check_output, report_path
+from data_prep.convert import CODECS, StorageSettings, check_output, report_path
 from data_prep.sources import SOURCES, source_module
 from data_prep.store import DomainStore, StoreError
 
@@ -30,7 +30,7 @@ def _parse_options(pairs: list[str]) -> dict:
 def _settings(args: argparse.Namespace) -> StorageSettings | None:
     """Storage settings from the command line, or None to keep the source's own defaults."""
     given = {"short_side": args.short_side, "codec": args.codec,
-             "max_bad_fraction": args.max_bad_fraction}
+             "max_bad_fraction": args.max_bad_fraction, "squash_side": args.squash_side}
     if all(value is None for value in given.values()):
         return None
     settings = StorageSettings()
@@ -137,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", type=Path, required=True, help="output FILE.h5")
     convert.add_argument("--workers", type=int, default=1)
     convert.add_argument("--short-side", type=int, help="storage resolution (0 keeps native)")
-    convert.add_argument("--codec", choices=["auto", "png", "jpeg"])
+    convert.add_argument("--codec", choices=CODECS,
+                         help="png: lossless; auto: PNG for greyscale, JPEG q95 for colour")
+    convert.add_argument("--squash-side", type=int, help="squash images whose sides are both at "
+                         "least this to this square (PMF's HDF5 files: 224)")
     convert.add_argument("--max-bad-fraction", type=float)
     convert.add_argument("--checksums", type=Path,
                          help="sha256sum-format file of raw files to check first")

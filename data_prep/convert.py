@@ -55,17 +55,32 @@ class ClassSpec:
     superclass: str | None = None
 
 
+CODECS = ("auto", "png", "jpeg")  # auto: PNG for greyscale, JPEG for colour
+
+
 @dataclass
 class StorageSettings:
-    """How images are stored; part of each file's provenance."""
+    """How images are stored; part of each file's provenance.
+
+    PMF's pixels (its HDF5 files, PMF: scripts/convert_tfrecord_to_h5.py:47-69): the decoded
+    image squashed to 224 x 224 when both sides are at least 224, else as decoded, stored
+    losslessly: ``short_side=None, squash_side=224, codec='png'``."""
 
     short_side: int | None = 160  # resize so the shorter side is at most this; None keeps native
-    codec: str = "auto"  # 'png', 'jpeg', or 'auto' (PNG for greyscale, JPEG for colour)
+    codec: str = "auto"  # one of CODECS
     jpeg_quality: int = 95
     max_bad_fraction: float = 0.01  # fail when more than this fraction of items is unreadable
+    squash_side: int | None = None  # squash to this square when both sides are at least this
+
+    def __post_init__(self) -> None:
+        if self.codec not in CODECS:
+            raise ValueError(f"codec {self.codec!r}: expected one of {list(CODECS)}")
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The settings as recorded; squash_side only when set, so files converted before it
+        existed stay up to date."""
+        return {k: v for k, v in self.__dict__.items()
+                if k != "squash_side" or v is not None}
 
 
 @dataclass
@@ -133,10 +148,14 @@ def other_image_counts(source: str, reference: str, differences: Sequence[str]) 
 
 
 def prepare_image(image: Image.Image | np.ndarray, settings: StorageSettings) -> Image.Image:
-    """Greyscale stays 'L', everything else becomes 'RGB'; shrink to the storage resolution."""
+    """Greyscale stays 'L', everything else becomes 'RGB'; squash (as torchvision's
+    ``Resize((s, s))`` on a PIL image: bilinear) and shrink to the storage resolution."""
     pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     if pil.mode not in ("L", "RGB"):
         pil = pil.convert("L" if pil.mode in ("1", "I;16", "I", "LA") else "RGB")
+    square = settings.squash_side
+    if square is not None and min(pil.size) >= square:
+        pil = pil.resize((square, square), Image.Resampling.BILINEAR)
     side = settings.short_side
     if side is not None and min(pil.size) > side:
         scale = side / min(pil.size)

@@ -25,14 +25,12 @@ rule report:
     params:
         spectra=lambda wc, input: f"--spectra {input.spectra}" if input.spectra else "",
         root=lambda wc, output: Path(output.tables).parent,
-        references=" ".join(["--reference-methods", *config["evaluate"]["references"]])
-        if "references" in config["evaluate"]
-        else "",
+        options=PLAN.report_arguments(),
     resources:
         mem_mb=4000,
         runtime=30,
     shell:
         "python -m amt report --results {input.rows} {params.spectra} --sanity {input.sanity}"
         " --training-logs {input.training} --results-root {params.root}"
-        " --tables-dir {output.tables} --figures-dir {output.figures} {params.references}"
+        " --tables-dir {output.tables} --figures-dir {output.figures} {params.options}"
         " > {log} 2>&1"

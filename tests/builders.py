@@ -59,10 +59,11 @@ def backbone_file(folder: Path, seed: int = 0) -> Path:
 
 def model_file(folder: Path, backbone: Path, name: str, method: str = "amt",
                budget: float = 4 / 255, seed: int = 0, noise: float = 0.3,
-               rank: int = RANK) -> Path:
-    """A model.pt as ``train`` writes it, with randomly moved adapters and head scale."""
+               rank: int = RANK, **config: object) -> Path:
+    """A model.pt as ``train`` writes it, with randomly moved adapters and head scale;
+    ``config``: other TrainConfig fields."""
     config = TrainConfig(method=method, backbone="tiny_vit", backbone_checkpoint=str(backbone),
-                         rank=rank, budgets=[budget], seed=seed)
+                         rank=rank, budgets=[budget], seed=seed, **config)
     torch.manual_seed(seed)
     tuner = MetaTuner(config, CPU)
     with torch.no_grad():

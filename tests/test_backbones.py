@@ -80,6 +80,54 @@ def test_build_from_each_layout_with_resampled_pos_embed(tmp_path, tiny_state, t
     assert backbone(torch.rand(2, 3, 48, 48)).shape == (2, 32)
 
 
+@pytest.fixture(scope="module")
+def dino_224(tmp_path_factory) -> Path:
+    """A ViT-S/16 file in DINO's layout with its 14 x 14 grid (197 position embeddings)."""
+    torch.manual_seed(0)
+    state = build_backbone("dino_vits16", None, 224).vit.state_dict()
+    state["pos_embed"] = torch.randn_like(state["pos_embed"])  # a non-smooth field
+    path = tmp_path_factory.mktemp("dino") / "dino.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_interpolated_pos_embed_is_dinos_on_every_forward(dino_224):
+    """At 128 px the file's 14 x 14 grid stays in the model and every forward adds DINO's
+    interpolation to 8 x 8: F.interpolate, bicubic, scale_factor 8.1 / 14, align_corners=False,
+    recompute_scale_factor=False (the release's arguments, antialias off)."""
+    backbone = build_backbone("dino_vits16", dino_224, 128, pos_embed="interpolate")
+    stored = torch.load(dino_224, weights_only=True)["pos_embed"]
+    vit = backbone.vit
+    assert torch.equal(vit.pos_embed, stored) and vit.pos_embed.shape == (1, 197, 384)
+    grid = stored[:, 1:].reshape(1, 14, 14, 384).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.interpolate(grid, scale_factor=(8.1 / 14, 8.1 / 14),
+                                              mode="bicubic", align_corners=False,
+                                              recompute_scale_factor=False)
+    expected = torch.cat([stored[:, :1], patches.permute(0, 2, 3, 1).reshape(1, 64, 384)], 1)
+    x = vit.patch_embed(torch.rand(2, 3, 128, 128))
+    tokens = torch.cat([vit.cls_token.expand(2, -1, -1), x], dim=1)
+    torch.testing.assert_close(vit._pos_embed(x), tokens + expected, rtol=0, atol=0)
+    # timm's resample-once differs (antialiased, another scale): the choice matters
+    resampled = build_backbone("dino_vits16", dino_224, 128).vit.pos_embed
+    assert resampled.shape == (1, 65, 384)
+    assert (resampled - expected).norm() > 0.05 * expected.norm()
+    # gradients reach the stored 14 x 14 embeddings (pm fine-tunes them)
+    (backbone(torch.rand(1, 3, 128, 128)) @ torch.randn(384)).sum().backward()
+    assert vit.pos_embed.grad is not None and vit.pos_embed.grad.abs().sum() > 0
+
+
+def test_interpolation_at_the_checkpoints_own_size_changes_nothing(tmp_path, tiny_state):
+    """Same grid: DINO returns the embeddings untouched, so both modes build the same model
+    (small_vit, trained at its own size, is unaffected by the choice)."""
+    torch.save(tiny_state, tmp_path / "tiny.pth")
+    x = torch.rand(2, 3, 32, 32)
+    outputs = [build_backbone("tiny_vit", tmp_path / "tiny.pth", 32, pos_embed=mode)(x)
+               for mode in ("resample", "interpolate")]
+    assert torch.equal(*outputs)
+    with pytest.raises(ValueError, match="pos_embed='bilinear'"):
+        build_backbone("tiny_vit", None, 32, pos_embed="bilinear")
+
+
 def test_normalisation_is_inside_the_backbone(tiny_state):
     backbone = build_backbone("tiny_vit", None, 32)
     backbone.vit.load_state_dict(tiny_state)

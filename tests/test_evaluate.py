@@ -148,6 +148,63 @@ def test_apgd_attacks_through_torchattacks(files):
             torchattack(adapted.classifier, AttackSpec("apgd_t", "linf", (0.1,)), 0.1, 0, 3)
 
 
+@pytest.mark.parametrize("name", ["amt", "amt_logit_avg", "pm"])
+def test_torchattacks_leave_every_module_in_eval_mode(files, name):
+    """torchattacks calls train() on the model it attacked when that model's own flag said
+    training; the adapted classifiers are made in eval mode, so the shared backbone (and every
+    module in it) is still in eval mode after an APGD call, and the next episode's clean
+    logits are unchanged."""
+    pytest.importorskip("torchattacks")
+    model = files["pm"] if name == "pm" else files["pool"]
+    method = load_method(name, model, Hyper(), CPU)
+    ys, yq = torch.arange(5), torch.arange(5).repeat_interleave(2)
+    xs = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    xq = (xs[yq] + 0.02).clamp(0, 1)
+    with method.adapt(xs, ys, 0, queries=xq) as adapted:
+        assert not adapted.classifier.training
+        correct = adapted.clean_logits.argmax(-1) == yq
+        spec = AttackSpec("apgd_ce", "linf", (8 / 255,), steps=3)
+        robust_correct(adapted.classifier, xq, yq, spec, 8 / 255, correct, 0, 0)
+        training = [n for n, m in adapted.classifier.named_modules() if m.training]
+        assert training == []
+    assert not any(m.training for m in method.backbone.modules())
+
+
+def test_apgd_reseeds_torchs_global_generator_which_none_of_our_draws_use(files):
+    """torchattacks' APGD calls torch.manual_seed(seed) on every call (torchattacks 3.5.1
+    attacks/apgd.py:327-328). Every later draw of ours comes from generators fixed by (seed,
+    episode, condition): the noise and corruption conditions give the same accuracy whatever
+    the global generator's state."""
+    pytest.importorskip("torchattacks")
+    from amt.conditions import condition_accuracy
+
+    method = load_method("amt", files["pool"], Hyper(), CPU)
+    ys, yq = torch.arange(5), torch.arange(5).repeat_interleave(2)
+    xs = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    xq = (xs[yq] + 0.02).clamp(0, 1)
+    with method.adapt(xs, ys, 0, queries=xq) as adapted:
+        correct = adapted.clean_logits.argmax(-1) == yq
+        attack = torchattack(adapted.classifier, AttackSpec("apgd_ce", "linf", (0.1,), steps=2),
+                             0.1, 1234, 5)
+        after = []
+        for state in (0, 99):  # the global state after a call does not depend on the one before
+            torch.manual_seed(state)
+            attack(xq[:2], yq[:2])
+            after.append(torch.random.get_rng_state())
+        assert torch.equal(*after)
+        conditions = build_conditions(parse_attacks([{"attack": "pgd", "norm": "linf",
+                                                      "eps": ["8/255"]}]),
+                                      parse_corruptions({"names": ["gaussian_noise"],
+                                                         "severities": [5]}))[2:]
+        for condition in conditions:  # noise, then the corruption
+            seen = set()
+            for state in (0, 99):
+                torch.manual_seed(state)
+                seen.add(condition_accuracy(adapted.classifier, xq, yq, condition, correct, 0,
+                                            3))
+            assert len(seen) == 1, condition
+
+
 def test_missing_torchattacks_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchattacks", None)
     with pytest.raises(RuntimeError, match=r"--no-deps torchattacks==3\.5\.1"):

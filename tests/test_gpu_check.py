@@ -42,12 +42,13 @@ def _ci_config() -> dict:
 
 def test_estimate_of_the_ci_config_by_hand():
     """configs/ci.yaml: 4 training episodes per job (pm, lora, 2 amt members at 2 PGD steps),
-    amt selected on 2 domains over 2 validation episodes (1 grid point), 6 evaluations of 3
+    amt selected on 2 domains over 2 validation episodes (3 grid points in two stages: the
+    clean episode, 2 more forwards, an STr per point), 6 evaluations of 3
     test episodes (PGD-2, noise, one corruption; 1 sanity episode: 2 x 2 + 2 extra steps)."""
     got = gpu_check.estimate(_ci_config(), _rates())
     amt_member = 30 + 2 / 4 * (70 - 30)  # APQ's steps scaled from the bench's 4 to 2
     train = 4 * (10 + 20) + 2 * 4 * amt_member
-    select = 2 * 2 * (3 + 0.1)
+    select = 2 * 2 * (3 + 2 * 0.5 + 3 * 0.1)
     frozen = 3 * (1 + 2 * 0.25 + 2 * 0.5) + 6 * 0.25
     pool = 3 * (3 + 0.1 + 2 * 0.25 + 2 * 0.5) + 6 * 0.25
     evaluate = 2 * (2 * frozen + pool)

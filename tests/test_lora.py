@@ -125,19 +125,6 @@ def test_state_round_trips_through_flat_tensors(vit):
         lora.load_state(vit, bad)
 
 
-def test_trim_keeps_the_best_low_rank_approximation():
-    torch.manual_seed(0)
-    w = torch.randn(12, 8)
-    trimmed = lora.trim_singular_values(w, 0.5)
-    assert torch.linalg.matrix_rank(trimmed) == 4
-    u, s, vh = torch.linalg.svd(w.double())
-    torch.testing.assert_close(trimmed.double(), (u[:, :4] * s[:4]) @ vh[:4], atol=1e-6,
-                               rtol=1e-6)
-    torch.testing.assert_close(lora.trim_singular_values(w, 1.0), w, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="trim ratio 0.1"):
-        lora.trim_singular_values(w, 0.1)
-
-
 def _reference_and_layer(dtype=torch.float64, blocks=("q", "k", "v")):
     torch.manual_seed(0)
     layer = lora.LoRALinear(torch.nn.Linear(6, 9).to(dtype), "attn.qkv", 2, blocks)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,6 @@ from amt.methods import (
 from amt.models import load_trained
 from amt.pool import load_pool
 from amt.specs import Hyper
-from amt.trim import trim_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -114,22 +112,6 @@ def test_ablation_recipes_choose_their_members(pool_dir):
         _pool_method(pool_dir, "amt_logit_avg").setup(xs, ys, 0).__enter__()
 
 
-@pytest.mark.parametrize(("shape", "ratio"), [((40, 12), 0.25), ((12, 40), 0.75), ((9, 9), 0.5)])
-def test_trim_is_the_truncated_svd(shape, ratio):
-    torch.manual_seed(0)
-    weights = [torch.randn(*shape), torch.randn(*shape)]
-    originals = [w.clone() for w in weights]
-    trim_(weights, ratio)
-    keep = math.floor(ratio * min(shape))
-    for w, original in zip(weights, originals, strict=True):
-        u, s, vh = torch.linalg.svd(original.double(), full_matrices=False)
-        torch.testing.assert_close(w.double(), (u[:, :keep] * s[:keep]) @ vh[:keep], atol=1e-5,
-                                   rtol=1e-5)
-        assert torch.linalg.matrix_rank(w.double(), rtol=1e-6) == keep
-    with pytest.raises(ValueError, match="keeping at least one"):
-        trim_([torch.randn(4, 4)], 0.1)
-
-
 @pytest.mark.parametrize("layers", ["fc1", "all"])
 def test_str_trims_only_the_selected_layers(pool_dir, layers):
     method = _pool_method(pool_dir, str_layers=layers, str_ratio=0.5)
@@ -146,6 +128,45 @@ def test_str_trims_only_the_selected_layers(pool_dir, layers):
             else:
                 expected = merged
             torch.testing.assert_close(layer.weight.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("solver", ["exact", "lowrank"])
+def test_str_trims_the_fused_qkv_as_one_matrix(pool_dir, solver):
+    """The release trims the whole [3D, D] qkv weight to rank floor(rho D): not q, k and v
+    apart (which would leave rank up to 3 floor(rho D)). lowrank: the release's randomised
+    solver, its draws fixed by (seed, episode)."""
+    method = _pool_method(pool_dir, str_layers="all", str_ratio=0.25, str_solver=solver)
+    xs, ys, _, _ = colour_episode()
+    plan = method.plan(method.scores(xs, ys, 0))
+    weights = []
+    for _ in range(2):
+        with method.setup(xs, ys, 3, plan=plan):
+            qkv = method.layers["blocks.0.attn.qkv"].weight
+            assert qkv.shape == (96, 32)
+            assert torch.linalg.matrix_rank(qkv.double(), rtol=1e-5) == 8  # floor(0.25 * 32)
+            weights.append(qkv.clone())
+    assert torch.equal(*weights)  # the same episode: the same draws
+    merged = _direct_merge(method.pool, "blocks.0.attn.qkv", plan)
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    best = (u[:, :8] * s[:8]) @ vh[:8]
+    error = torch.linalg.norm(weights[0].double() - best) / torch.linalg.norm(best)
+    assert (error < 1e-5) if solver == "exact" else (error > 1e-4)
+
+
+def test_member_scores_run_in_float32_unless_told_otherwise(pool_dir, monkeypatch):
+    """On CUDA the job's amp is bfloat16; TTM's scoring stays in float32 (the release's
+    autocast(False)) unless score_precision is 'amp'. CPU bf16 autocast stands in."""
+    xs, ys, _, _ = colour_episode()
+    plain = _pool_method(pool_dir).scores(xs, ys, 0)
+    monkeypatch.setattr(methods.devices, "autocast", lambda device, enabled=True: torch.autocast(
+        "cpu", dtype=torch.bfloat16, enabled=enabled))
+    assert torch.equal(_pool_method(pool_dir).scores(xs, ys, 0), plain)
+    amp = _pool_method(pool_dir, score_precision="amp").scores(xs, ys, 0)
+    assert not torch.equal(amp, plain)
+    torch.testing.assert_close(amp, plain, atol=0.05, rtol=0.05)  # bfloat16 rounding only
+    no_amp = PoolMethod(load_pool(pool_dir / "pool.pt"), "amt", Hyper(score_precision="amp"),
+                        CPU, False, seed=0)
+    assert torch.equal(no_amp.scores(xs, ys, 0), plain)  # amp off: float32 either way
 
 
 def _count_forwards(backbone) -> list[int]:

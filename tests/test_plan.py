@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import yaml
 
 from amt.plan import PATHS, Plan, mean_budget, path
 from amt.registry import METHODS
-from amt.specs import EvalConfig, SelectConfig, TrainConfig, from_json, to_json
+from amt.specs import EvalConfig, SelectConfig, StatsOptions, TrainConfig, from_json, to_json
 
 ROOT = Path(__file__).parents[1]
 DEFAULT = yaml.safe_load((ROOT / "config.yaml").read_text())
@@ -109,6 +110,71 @@ def test_evaluation_specs_carry_the_configs_threat_model_and_episodes():
     assert spec.out == Path(path("rows", backbone="small_vit", setting="5w1s", domain="glyphs",
                                  method="amt"))
     assert not plan.eval_spec("small_vit", "5w1s", "mnist", "amt").in_domain
+
+
+def test_the_paper_config_takes_the_releases_and_pmfs_evaluation_choices():
+    plan = Plan(PAPER)
+    isic, md = plan.eval_spec("dino_vits16", "5w1s", "isic", "amt"), \
+        plan.eval_spec("dino_vits16", "5w1s", "omniglot", "amt")
+    assert (isic.test_transform, isic.resize, isic.image_size) == ("squash", 147, 128)
+    assert (md.test_transform, md.resize) == ("crop", 146)
+    select = plan.select_spec("dino_vits16", "5w1s", "isic", "amt")
+    assert (select.test_transform, select.resize) == ("squash", 147)  # as its evaluation
+    assert (select.str_solver, select.score_precision) == ("lowrank", "fp32")
+    for member in plan.members():
+        assert plan.member_spec(**member).pos_embed == "interpolate"
+    assert plan.stats_options() == StatsOptions(std_ddof=1, average_ci="mean")
+    assert "--squash-side 224 --codec png" in plan.convert_arguments("ilsvrc_2012")
+    assert "--short-side 0" in plan.convert_arguments("isic")
+
+
+def test_the_default_config_keeps_its_own_choices():
+    plan = Plan(DEFAULT)
+    spec = plan.select_spec("small_vit", "5w1s", "glyphs", "amt")
+    assert (spec.test_transform, spec.str_solver, spec.score_precision) == \
+        ("crop", "exact", "fp32")
+    assert plan.baseline_spec("small_vit", "5w1s", "pm").pos_embed == "resample"
+    assert plan.report_arguments() == \
+        "--std-ddof 1 --average-ci pooled --reference-methods pm lora"
+    assert plan.convert_arguments("glyphs") == "glyphs"
+
+
+RELEASE_STEPS = (("beta", "gamma", "top_k"), ("str",), ("lr",))
+
+
+def _stages(grid: dict | list) -> list[dict]:
+    return grid if isinstance(grid, list) else [grid]
+
+
+def _release_points(grid: dict | list) -> int:
+    """What the release's selection evaluates for the same value lists: beta x gamma (k fixed),
+    then the STr candidates at the best of them, then the lr (AMT: test_meta_dataset.py:95-161):
+    the steps' products added, not multiplied."""
+    lengths = {k: len(v) for stage in _stages(grid) for k, v in stage.items()}
+    return sum(math.prod(lengths[k] for k in step if k in lengths)
+               for step in RELEASE_STEPS if lengths.keys() & set(step))
+
+
+def test_no_paper_selection_job_searches_more_points_than_the_release():
+    grids, sizes = PAPER["evaluate"]["grids"], Plan(PAPER).grid_sizes()
+    for method, grid in grids.items():
+        assert sizes[method] <= _release_points(grid), method
+        base = METHODS[method].base  # amt_ft: lr only, on top of amt's selection
+        if base:
+            assert not {k for s in _stages(grids[base]) for k in s} & \
+                {k for s in _stages(grid) for k in s}, method
+    assert (sizes["amt"], sizes["amt_ft"]) == (9 * 6 + 4, 4)
+    merge = _stages(grids["amt"])[0]
+    assert merge["top_k"] == [2] and (merge["beta"][0], merge["gamma"][0]) == (1.0, 0.6)
+    assert _release_points({"beta": [1, 2], "gamma": [0.6], "str": ["none"] * 3}) == 5
+    assert Plan(DEFAULT).grid_sizes() == {"amt": 8}  # one stage: the product
+
+
+def test_the_summary_lists_jobs_per_rule_and_grid_points():
+    summary = Plan(PAPER).summary()
+    assert summary.startswith("2446 jobs:")
+    assert re.search(r"^  select_hyperparameters +900$", summary, re.M)
+    assert re.search(r"^  amt_ft +4$", summary, re.M) and "fetch_builtin" not in summary
 
 
 @pytest.mark.parametrize("cls_and_job", ["train", "select", "eval"])

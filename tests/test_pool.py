@@ -9,7 +9,7 @@ import torch
 from builders import backbone_file, make_pool, model_file
 
 from amt.checkpoints import CheckpointError, load_tagged, sha256
-from amt.lora import adapter_parameters, lora_layers
+from amt.lora import adapter_parameters, lora_layers, merge
 from amt.models import load_trained
 from amt.pool import POOL_FORMAT, assemble_pool, load_pool, register
 from amt.specs import PoolConfig
@@ -64,6 +64,30 @@ def test_members_must_share_backbone_file_rank_and_kind(tmp_path):
         PoolConfig([first, first], tmp_path / "pool.pt", "separate")
     with pytest.raises(ValueError, match="strategy='mixed'"):
         PoolConfig([first], tmp_path / "pool.pt", "mixed")
+
+
+def test_model_and_pool_files_rebuild_the_position_embeddings_they_trained_with(tmp_path):
+    """Members trained at 48 px on a 32 px (4 x 4 grid) backbone file with the grid kept and
+    interpolated: model and pool files record it and are rebuilt the same way; members of
+    the two modes do not share a pool."""
+    backbone = backbone_file(tmp_path)
+    files = [model_file(tmp_path, backbone, f"m{p}", seed=p, image_size=48,
+                        pos_embed="interpolate") for p in range(2)]
+    x = torch.rand(2, 3, 48, 48)
+    rebuilt, _ = load_trained(files[0])
+    assert rebuilt.vit.pos_embed.shape == (1, 17, 32)  # the file's grid, kept
+    pool = load_pool(assemble_pool(PoolConfig(files, tmp_path / "pool.pt", "separate")))
+    assert pool.info["pos_embed"] == "interpolate"
+    assert load_tagged(tmp_path / "pool.pt", POOL_FORMAT)["pos_embed"] == "interpolate"
+    assert torch.equal(pool.backbone.vit.pos_embed, rebuilt.vit.pos_embed)
+    merge(rebuilt.vit)  # member 0 alone, as its own model file gives it
+    merge(pool.backbone.vit, [pool.members[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(pool.backbone(x), rebuilt.eval()(x))
+    resampled = model_file(tmp_path, backbone, "resampled", image_size=48)
+    assert load_trained(resampled)[0].vit.pos_embed.shape == (1, 37, 32)
+    with pytest.raises(CheckpointError, match=r"'pos_embed': \('interpolate', 'resample'\)"):
+        assemble_pool(PoolConfig([files[0], resampled], tmp_path / "mixed.pt", "separate"))
 
 
 def test_load_refuses_a_changed_backbone_file(tmp_path):

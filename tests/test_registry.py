@@ -71,6 +71,9 @@ def test_the_jobs_implement_exactly_the_registered_names():
     assert set(CORRUPTIONS) == set(registry.CORRUPTIONS)
     assert {e.family for e in registry.BACKBONES.values()} <= set(REMAPS)
     assert set(TORCHATTACKS) | {"pgd"} == set(registry.ATTACKS)
+    from amt.transforms import BOXES
+
+    assert set(BOXES) == set(registry.TEST_TRANSFORMS)
 
 
 def test_every_method_the_report_names_exists():

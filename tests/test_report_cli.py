@@ -63,3 +63,18 @@ def test_report_refuses_a_repeated_reference(tmp_path: Path, report_inputs,
         assert args.func(args) == 1
     assert "reference methods ['lora', 'lora']: expected one or more, each once" in caplog.text
     assert not (tmp_path / "t").exists()
+
+
+def test_report_takes_the_statistics_options(tmp_path: Path, report_inputs,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    jobs, _ = report_inputs
+    out = ["--tables-dir", str(tmp_path / "t"), "--figures-dir", str(tmp_path / "f")]
+    args = _parser().parse_args(["report", "--results", *map(str, jobs), *out,
+                                 "--std-ddof", "0", "--average-ci", "mean"])
+    assert args.func(args) == 0
+    assert "std of ddof=0" in (tmp_path / "t" / "tables.md").read_text()
+    args = _parser().parse_args(["report", "--results", *map(str, jobs), *out,
+                                 "--std-ddof", "2"])
+    with caplog.at_level(logging.ERROR):
+        assert args.func(args) == 1
+    assert "std_ddof=2: expected 0 or 1" in caplog.text

@@ -44,7 +44,7 @@ def palette(small: pd.DataFrame) -> dict:
 
 
 def _mean_ci(values: np.ndarray) -> tuple[float, float]:
-    return 100 * values.mean(), 100 * 1.96 * np.std(values) / math.sqrt(len(values))
+    return 100 * values.mean(), 100 * 1.96 * np.std(values, ddof=1) / math.sqrt(len(values))
 
 
 def _accuracy(frame: pd.DataFrame, **where) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Episode statistics: mean ± 95% CI (np.std, ddof=0) and paired differences."""
+"""Episode statistics: mean ± 95% CI (ddof 1 or 0), domain averages and paired differences."""
 
 from __future__ import annotations
 
@@ -10,20 +10,33 @@ import pandas as pd
 import pytest
 
 from amt.report.stats import Estimate, mean_ci, mean_of_means, paired_difference, summarise
+from amt.specs import StatsOptions
+
+POPULATION = StatsOptions(std_ddof=0)
+MEAN_CI = StatsOptions(average_ci="mean")
 
 
-def test_mean_ci_matches_numpy_with_population_std() -> None:
+def test_mean_ci_by_hand_with_either_std() -> None:
+    """[0.2, 0.4, 0.9]: mean 0.5, squared deviations 0.09 + 0.01 + 0.16 = 0.26; ddof=1 std
+    sqrt(0.13) (the release's and PMF's torch.std), ddof=0 sqrt(0.26 / 3)."""
+    unbiased, population = mean_ci([0.2, 0.4, 0.9]), mean_ci([0.2, 0.4, 0.9], POPULATION)
+    assert unbiased.mean == population.mean == pytest.approx(0.5)
+    assert unbiased.ci == pytest.approx(1.96 * math.sqrt(0.13) / math.sqrt(3))
+    assert population.ci == pytest.approx(1.96 * math.sqrt(0.26 / 3) / math.sqrt(3))
+    assert (unbiased.ci, population.ci) == pytest.approx((0.408007, 0.333136), abs=1e-6)
+
+
+def test_mean_ci_matches_numpy() -> None:
     values = np.random.default_rng(0).uniform(0, 1, 37)
     estimate = mean_ci(values)
     assert estimate.n == 37
     assert estimate.mean == pytest.approx(values.mean())
-    assert estimate.ci == pytest.approx(1.96 * np.std(values) / math.sqrt(37))
-    # ddof=0, as PMF/Meta-Dataset: narrower than the ddof=1 interval
-    assert estimate.ci < 1.96 * np.std(values, ddof=1) / math.sqrt(37)
+    assert estimate.ci == pytest.approx(1.96 * np.std(values, ddof=1) / math.sqrt(37))
+    assert mean_ci(values, POPULATION).ci == pytest.approx(1.96 * np.std(values) / math.sqrt(37))
 
 
 def test_mean_ci_of_one_value_and_of_nothing() -> None:
-    assert mean_ci([0.4]) == Estimate(0.4, 0.0, 1)
+    assert mean_ci([0.4]) == mean_ci([0.4], POPULATION) == Estimate(0.4, 0.0, 1)
     with pytest.raises(ValueError, match="non-empty 1-D"):
         mean_ci([])
 
@@ -44,8 +57,13 @@ def test_summarise_agrees_with_mean_ci_per_group() -> None:
 def test_mean_of_means_propagates_independent_cis() -> None:
     average = mean_of_means([Estimate(0.5, 0.03, 10), Estimate(0.7, 0.04, 20)])
     assert average.mean == pytest.approx(0.6)
-    assert average.ci == pytest.approx(math.sqrt(0.03**2 + 0.04**2) / 2)
+    assert average.ci == pytest.approx(0.025)  # sqrt(0.03^2 + 0.04^2) / 2 = 0.05 / 2
     assert average.n == 30
+
+
+def test_mean_of_means_with_the_releases_mean_of_cis() -> None:
+    average = mean_of_means([Estimate(0.5, 0.03, 10), Estimate(0.7, 0.04, 20)], MEAN_CI)
+    assert (average.mean, average.ci, average.n) == pytest.approx((0.6, 0.035, 30))
 
 
 def test_paired_difference_on_shared_episodes(caplog: pytest.LogCaptureFixture) -> None:
@@ -58,7 +76,9 @@ def test_paired_difference_on_shared_episodes(caplog: pytest.LogCaptureFixture) 
     expected = a[shared].to_numpy() - b[shared].to_numpy()
     assert (diff.n, diff.only_a, diff.only_b) == (9, 3, 1)
     assert diff.mean == pytest.approx(expected.mean())
-    assert diff.ci == pytest.approx(1.96 * np.std(expected) / 3)
+    assert diff.ci == pytest.approx(1.96 * np.std(expected, ddof=1) / 3)
+    assert paired_difference(a, b, stats=POPULATION).ci == \
+        pytest.approx(1.96 * np.std(expected) / 3)
     assert "amt vs pm: episode sets differ (3 only in the first, 1 only in the second)" \
         in caplog.text
 

@@ -14,6 +14,7 @@ from builders import synthetic_results
 
 from amt.report.tables import TABLES, TableSpec, build_tables
 from amt.rows import validate_results
+from amt.specs import StatsOptions
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def markdown_cells(path: Path) -> dict[tuple[str, str], str]:
 
 def expected_cell(values: np.ndarray, signed: bool = False) -> str:
     mean = f"{100 * values.mean():+.2f}" if signed else f"{100 * values.mean():.2f}"
-    return f"{mean} ± {100 * 1.96 * np.std(values) / math.sqrt(len(values)):.2f}"
+    return f"{mean} ± {100 * 1.96 * np.std(values, ddof=1) / math.sqrt(len(values)):.2f}"
 
 
 def _episodes(results: pd.DataFrame, method: str, domain: str, **condition) -> pd.Series:
@@ -67,6 +68,7 @@ def test_every_spec_is_written_in_three_formats(built: Path) -> None:
 
 def test_index_lists_every_table_and_the_notes(built: Path) -> None:
     index = (built / "tables.md").read_text()
+    assert "std of ddof=1" in index and "± √(Σ CI²) / domains" in index  # the defaults
     linked = set(re.findall(r"- \[([^\]]+)\]\(\1\.md\)", index))
     assert linked == {p.stem for p in built.glob("*.md")} - {"tables"}
     assert "methods without results: pmf, amt_ft" in index  # main methods not in the results
@@ -82,9 +84,26 @@ def test_clean_cells_equal_mean_and_ci_over_episodes(built: Path, results: pd.Da
             per_domain.append(values)
         ood = per_domain[1:]  # glyphs is the in-domain source
         mean = np.mean([v.mean() for v in ood])
-        ci = math.sqrt(sum((1.96 * np.std(v) / math.sqrt(len(v))) ** 2 for v in ood)) / 3
+        ci = math.sqrt(sum((1.96 * np.std(v, ddof=1) / math.sqrt(len(v))) ** 2 for v in ood)) / 3
         assert cells[label, "out-of-domain avg"] == f"{100 * mean:.2f} ± {100 * ci:.2f}"
     assert ("PM", "in-domain avg") not in cells  # a single in-domain domain needs no average
+
+
+def test_the_releases_statistics_population_std_or_mean_of_cis(tmp_path: Path,
+                                                               results: pd.DataFrame) -> None:
+    """report: {std_ddof: 0, average_ci: mean}: cells with np.std, the average's CI the mean
+    of the domains' CIs; tables.md says which statistics it used."""
+    build_tables(results, tmp_path, stats=StatsOptions(std_ddof=0, average_ci="mean"))
+    cells = markdown_cells(tmp_path / "clean_builtin_dino_5w1s_clean.md")
+    ood = [_episodes(results, "amt", d, attack="none").to_numpy()
+           for d in ("mnist", "digits", "animals")]
+    cis = [1.96 * np.std(v) / math.sqrt(len(v)) for v in ood]
+    assert cells["AMT", "mnist"] == f"{100 * ood[0].mean():.2f} ± {100 * cis[0]:.2f}"
+    mean = np.mean([v.mean() for v in ood])
+    assert cells["AMT", "out-of-domain avg"] == f"{100 * mean:.2f} ± {100 * np.mean(cis):.2f}"
+    index = (tmp_path / "tables.md").read_text()
+    assert "std of ddof=0" in index and "the mean of the per-domain CIs" in index
+    assert "√(Σ CI²)" not in index
 
 
 def test_adversarial_cells_use_the_chosen_eps(built: Path, results: pd.DataFrame) -> None:
@@ -126,7 +145,7 @@ def test_conditions_layout_averages_targets_per_condition(built: Path,
                    & (results.method == "amt_no_ttm") & (results.eps == 4 / 255)]
     per_domain = [rows.accuracy[rows.domain == d].to_numpy() for d in ("eurosat", "isic", "chestx")]
     mean = np.mean([v.mean() for v in per_domain])
-    ci = math.sqrt(sum((1.96 * np.std(v) / math.sqrt(10)) ** 2 for v in per_domain)) / 3
+    ci = math.sqrt(sum((1.96 * np.std(v, ddof=1) / math.sqrt(10)) ** 2 for v in per_domain)) / 3
     assert cells["AMT w/o TTM", "PGD ℓ∞ ε=4/255"] == f"{100 * mean:.2f} ± {100 * ci:.2f}"
     assert ("AMT", "clean") in cells  # the anchor row
     pool = markdown_cells(built / "pool_bscd_dino_5w1s.md")

@@ -74,6 +74,34 @@ def test_points_with_the_same_merge_share_one_evaluation(files, tmp_path, monkey
     assert result["best_point"]["beta"] == 0.5  # at top_k 1 the weights ignore beta
 
 
+def test_stages_are_searched_in_turn_at_the_best_point_of_those_before(files, tmp_path,
+                                                                      monkeypatch):
+    """The release's order: gamma (beta, k fixed) first, then STr at the chosen gamma; 3 + 2
+    points, not 3 x 2, and the member scores once per episode for both stages."""
+    from amt.methods import PoolMethod
+
+    scored = []
+    original = PoolMethod.scores
+    monkeypatch.setattr(PoolMethod, "scores", lambda self, xs, ys, index: scored.append(index)
+                        or original(self, xs, ys, index))
+    grid = [{"gamma": [0.6, 0.4, 0.0], "beta": [1.0], "top_k": [2]}, {"str": [TRIM_ALL, "none"]}]
+    result = select(_config(files, tmp_path / "sel.json", "amt", grid,
+                            str_solver="lowrank"))
+    assert sorted(scored) == [0, 1, 2, 3]
+    first = [p for p in result["points"] if p["stage"] == 0]
+    second = [p for p in result["points"] if p["stage"] == 1]
+    assert len(first) == 3 and [set(p["point"]) for p in second] == [{"str_layers",
+                                                                      "str_ratio"}] * 2
+    best = max(first, key=lambda p: p["accuracy"])  # the first of equal maxima
+    assert best is next(p for p in first if p["accuracy"] == best["accuracy"])
+    # stage 1's "none" point is stage 0's best point again (STr none is the base's)
+    assert second[1]["episode_accuracy"] == best["episode_accuracy"]
+    assert result["best_point"] == {**best["point"], "str_layers": "none", "str_ratio": 1.0}
+    assert result["hyperparameters"]["str_solver"] == "lowrank"
+    assert result["best_accuracy"] == second[1]["accuracy"]
+    assert set(result["selected"]) == {"beta", "gamma", "top_k", "str_layers", "str_ratio"}
+
+
 def test_finetuning_lr_is_selected_on_top_of_a_merge_selection(files, tmp_path):
     with pytest.raises(ValueError, match=r"amt uses \['beta', 'gamma', 'str_layers', 'str_"):
         select(_config(files, tmp_path / "amt.json", "amt", {"top_k": [2]}))
@@ -98,6 +126,10 @@ def test_finetuning_lr_is_selected_on_top_of_a_merge_selection(files, tmp_path):
     ("amt", {"gamma": [1.5]}, "gamma=1.5: expected a number in"),
     ("amt", {"str": [{"layers": "fc2", "ratio": 0.5}]}, "str_layers='fc2'"),
     ("amt", {"str": ["half"]}, "STr value 'half'"),
+    ("amt", [{"beta": [1]}, {"beta": [2], "gamma": [0.6]}],
+     r"keys \['beta'\] appear in more than one stage"),
+    ("amt", [{"beta": [1]}, {"lr": [0]}], r"--grid\[1\]: keys \['lr'\] are unknown or not used"),
+    ("amt", [], "an object of value lists or a list of them"),
 ])
 def test_bad_grids_are_named(method, grid, message):
     with pytest.raises(ValueError, match=message):

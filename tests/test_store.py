@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -10,9 +11,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_prep.__main__ import main as data_prep_main
-from data_prep.convert import ClassSpec, write_domain
+from data_prep.convert import ClassSpec, StorageSettings, write_domain
 from data_prep.store import (
     DomainStore,
     DomainWriter,
@@ -77,6 +79,28 @@ def test_greyscale_png_is_lossless_and_keeps_one_channel() -> None:
     decoded = decode_image(encode_image(image, "png"))
     assert decoded.shape == (6, 8, 1)
     np.testing.assert_array_equal(decoded[:, :, 0], image)
+
+
+def test_pmf_pixels_storage_squashes_large_images_losslessly(tmp_path: Path) -> None:
+    """PMF's HDF5 pixels: an image whose sides are both >= 224 squashed to 224 x 224 (as
+    torchvision's Resize((224, 224)) on a PIL image: bilinear), a smaller one as decoded;
+    stored as PNG, both read back exactly."""
+    rng = np.random.default_rng(4)
+    large = rng.integers(0, 256, (250, 300, 3), dtype=np.uint8)
+    narrow = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)  # one side < 224: kept
+    out = tmp_path / "pmf.h5"
+    write_domain(out, source="unit", converter_version="1",
+                 classes=[ClassSpec("a", "test", [large, narrow])], load=np.asarray,
+                 settings=StorageSettings(short_side=None, squash_side=224, codec="png"))
+    store = DomainStore(out)
+    squashed = np.asarray(Image.fromarray(large).resize((224, 224), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(store.read(0), squashed)
+    np.testing.assert_array_equal(store.read(1), narrow)
+    assert json.loads(h5py.File(out, "r").attrs["settings"])["squash_side"] == 224
+    # unset, it is not recorded: files converted before the setting existed stay up to date
+    assert "squash_side" not in StorageSettings().as_dict()
+    with pytest.raises(ValueError, match="codec 'webp'"):
+        StorageSettings(codec="webp")
 
 
 def test_writer_rejects_classes_out_of_split_order(tmp_path: Path) -> None:

@@ -56,6 +56,25 @@ def test_eval_transform_is_resize_then_centre_crop():
     assert torch.allclose(crop[0, 0], torch.arange(40, 200, 8) / 255)
 
 
+def test_squash_transform_is_square_resize_then_centre_crop():
+    """BSCD-FSL's Resize([147, 147]) then CenterCrop(128), scaled down: a 30x20 (w x h) image
+    squashed to 14 x 14 (aspect not kept), crop 12 at offset round(2 / 2) = 1."""
+    image = _image(20, 30, seed=3)
+    resized = np.asarray(Image.fromarray(image).resize((14, 14), Image.Resampling.BILINEAR))
+    expected = torch.from_numpy(resized[1:13, 1:13].copy()).permute(2, 0, 1).float() / 255
+    got = T.test_transform(12, 14, "squash")(image, None)
+    assert got.shape == (3, 12, 12)
+    assert (got - expected).abs().max() <= 1 / 255 + 1e-6  # one PIL rounding step at most
+    # a wide image keeps all its columns' content (squashed), unlike the aspect-keeping crop
+    columns = np.repeat(np.repeat(np.arange(0, 240, 8, dtype=np.uint8)[None, :, None], 3, 2),
+                        20, axis=0)  # 20 x 30, column j has value 8 j
+    squashed = T.test_transform(20, 20, "squash")(columns, None)[0, 0]
+    cropped = T.test_transform(20, 20)(columns, None)[0, 0]
+    assert squashed[0] < cropped[0] and squashed[-1] > cropped[-1]
+    with pytest.raises(ValueError, match="test transform 'stretch'"):
+        T.test_transform(12, 14, "stretch")
+
+
 def test_random_resized_crop_box_follows_torchvision():
     rng = np.random.default_rng(0)
     areas, ratios = [], []

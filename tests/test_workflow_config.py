@@ -93,6 +93,7 @@ def test_paper_config_without_data_lists_every_missing_input_at_once(tmp_path: P
     output = result.stdout + result.stderr
     assert result.returncode != 0 and elapsed < 60
     assert "23 inputs are missing" in output and "Building DAG" not in output
+    assert Plan(PAPER).summary() in result.stderr  # jobs per rule and grid points, first
     for domain in PAPER["domains"]:
         assert f"domains.{domain}.raw: " in output
     for backbone in PAPER["backbones"]:

@@ -11,6 +11,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from amt.registry import AVERAGE_CIS
+from amt.specs import StatsOptions
+
 log = logging.getLogger(__name__)
 
 
@@ -21,6 +24,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from amt.report.sanity import load_sanity, write_sanity_table
     from amt.report.tables import REFERENCES, build_tables
     from amt.rows import ResultsError, load_results, load_spectra
+    from amt.specs import StatsOptions, build
 
     try:
         results = load_results(args.results)
@@ -30,14 +34,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         log.error("report: %s", error)
         return 1
     try:
+        stats = build(StatsOptions, {k: getattr(args, k) for k in ("std_ddof", "average_ci")
+                                     if getattr(args, k) is not None}, "report options")
         tables = build_tables(results, args.tables_dir,
-                              references=args.reference_methods or REFERENCES)
+                              references=args.reference_methods or REFERENCES, stats=stats)
     except ValueError as error:
         log.error("report: %s", error)
         return 1
     if sanity is not None:
         tables += write_sanity_table(sanity, args.tables_dir)
-    figures = build_figures(results, spectra, args.figures_dir)
+    figures = build_figures(results, spectra, args.figures_dir, stats)
     if args.training_logs:
         try:
             figures += build_training_figures(args.training_logs, args.results_root,
@@ -68,4 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reference-methods", nargs="+", metavar="METHOD",
                         help="methods the paired-difference tables subtract, one set of tables "
                         "each (default: the baselines pm and lora)")
+    parser.add_argument("--std-ddof", type=int, help="the episodes' std: 1 (unbiased, the "
+                        f"default: {StatsOptions.std_ddof}) or 0")
+    parser.add_argument("--average-ci", choices=AVERAGE_CIS, help="a domain average's CI: "
+                        "pooled, sqrt(sum CI^2) / domains, or mean, the mean of the domains' CIs "
+                        f"(default: {StatsOptions.average_ci})")
     parser.set_defaults(func=cmd_report)

@@ -8,7 +8,8 @@ Every figure is one per (benchmark, backbone, setting) unless said otherwise:
 - ``corruptions_*``: accuracy per corruption (each episode averaged over severities) per method,
   one panel per domain, clean bars first for reference.
 - ``spectra_<domain>``: singular values of merged weights per layer, a line per method.
-Bars and bands show mean ± 1.96 · std(ddof=0) / √n over episodes, the numbers of the tables.
+Bars and bands show mean ± 1.96 · std / √n over episodes (the report's ``StatsOptions``), the
+numbers of the tables.
 
 Seaborn 0.13.2 mis-orders ``hue_order`` for pandas 3's string columns (seaborn#3893), so every
 categorical column is handed to seaborn as object dtype (``_plain``).
@@ -30,7 +31,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from amt.report.results import condition_label, conditions, method_label, select_condition
-from amt.report.stats import mean_ci, summarise
+from amt.report.stats import DEFAULT, mean_ci, summarise
 from amt.report.tables import (
     MAIN_METHODS,
     TABLES,
@@ -41,6 +42,7 @@ from amt.report.tables import (
 )
 from amt.report.training import training_figures
 from amt.rows import GROUP, require_results
+from amt.specs import StatsOptions
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,8 @@ def _domain_ticks(in_domain: list[str], out_domain: list[str]) -> list[str]:
 
 
 # -- figures --------------------------------------------------------------------------------------
-def clean_vs_adversarial(results: pd.DataFrame, palette: Palette) -> Figures:
+def clean_vs_adversarial(results: pd.DataFrame, palette: Palette,
+                         stats: StatsOptions = DEFAULT) -> Figures:
     """Per domain and method, one panel per condition: clean, then each adversarial one."""
     for group, data in results.groupby(list(GROUP), sort=False):
         data = data[data.method.isin(MAIN_METHODS)]
@@ -144,7 +147,8 @@ def clean_vs_adversarial(results: pd.DataFrame, palette: Palette) -> Figures:
         figure, axes = _panels(len(found), 1, max(6.0, 0.22 * len(domains) * len(methods) + 2),
                                2.8)
         for ax, condition in zip(axes, found, strict=True):
-            summary = summarise(select_condition(data, condition), ["domain", "method"])
+            summary = summarise(select_condition(data, condition), ["domain", "method"],
+                                stats=stats)
             _bars(ax, summary, "domain", domains, methods, palette,
                   _domain_ticks(in_domain, out_domain))
             ax.set_title(condition_label(*condition))
@@ -153,9 +157,11 @@ def clean_vs_adversarial(results: pd.DataFrame, palette: Palette) -> Figures:
         yield "clean_vs_adv_" + "_".join(map(str, group)), figure
 
 
-def _ci_band(values: pd.Series) -> tuple[float, float]:
-    estimate = mean_ci(values.to_numpy())
-    return estimate.mean - estimate.ci, estimate.mean + estimate.ci
+def _ci_band(stats: StatsOptions) -> Callable[[pd.Series], tuple[float, float]]:
+    def band(values: pd.Series) -> tuple[float, float]:
+        estimate = mean_ci(values.to_numpy(), stats)
+        return estimate.mean - estimate.ci, estimate.mean + estimate.ci
+    return band
 
 
 def _eps_axis(norm: str, eps: pd.Series) -> tuple[pd.Series, str]:
@@ -164,7 +170,8 @@ def _eps_axis(norm: str, eps: pd.Series) -> tuple[pd.Series, str]:
     return eps, f"ε ({'ℓ2' if norm == 'l2' else norm})"
 
 
-def eps_curves(results: pd.DataFrame, palette: Palette) -> Figures:
+def eps_curves(results: pd.DataFrame, palette: Palette, stats: StatsOptions = DEFAULT
+               ) -> Figures:
     """Accuracy vs ε per (attack, norm), clean at ε = 0; a panel per domain."""
     for group, data in results.groupby(list(GROUP), sort=False):
         data = data[data.method.isin(MAIN_METHODS)]
@@ -172,11 +179,12 @@ def eps_curves(results: pd.DataFrame, palette: Palette) -> Figures:
         attacked = data[data.norm.isin(("linf", "l2"))]
         for (attack, norm), rows in attacked.groupby(["attack", "norm"], sort=True):
             stem = f"eps_curve_{'_'.join(map(str, group))}_{attack}_{norm}"
-            yield stem, _eps_figure(pd.concat([clean, rows]), group, attack, norm, palette)
+            yield stem, _eps_figure(pd.concat([clean, rows]), group, attack, norm, palette,
+                                    stats)
 
 
 def _eps_figure(data: pd.DataFrame, group: tuple, attack: str, norm: str,
-                palette: Palette) -> Figure:
+                palette: Palette, stats: StatsOptions) -> Figure:
     methods = [m for m in MAIN_METHODS if m in set(data.method)]
     in_domain, out_domain = ordered_domains(data)
     x, xlabel = _eps_axis(norm, data["eps"])
@@ -184,7 +192,7 @@ def _eps_figure(data: pd.DataFrame, group: tuple, attack: str, norm: str,
     figure, axes = _panels(len(in_domain + out_domain), 4, 3.4, 2.8)
     for ax, domain in zip(axes, in_domain + out_domain, strict=True):
         sns.lineplot(data[data.domain == domain], x="x", y="value", hue="method",
-                     hue_order=methods, palette=palette, errorbar=_ci_band, marker="o",
+                     hue_order=methods, palette=palette, errorbar=_ci_band(stats), marker="o",
                      legend=False, ax=ax)
         ax.set_title(f"{domain} (in-domain)" if domain in in_domain else domain)
         ax.set_xlabel(xlabel)
@@ -196,11 +204,12 @@ def _eps_figure(data: pd.DataFrame, group: tuple, attack: str, norm: str,
     return figure
 
 
-def table_bars(results: pd.DataFrame, palette: Palette) -> Figures:
+def table_bars(results: pd.DataFrame, palette: Palette, stats: StatsOptions = DEFAULT
+               ) -> Figures:
     """Bars of every ``conditions`` table (ablation, merging, pool): the same numbers."""
     for spec in TABLES:
         if spec.layout == "conditions":
-            for table in spec_tables(spec, results, []):
+            for table in spec_tables(spec, results, [], stats=stats):
                 yield table.stem, _table_figure(table, palette)
 
 
@@ -218,7 +227,8 @@ def _table_figure(table: Table, palette: Palette) -> Figure:
     return figure
 
 
-def corruption_bars(results: pd.DataFrame, palette: Palette, notes: list[str]) -> Figures:
+def corruption_bars(results: pd.DataFrame, palette: Palette, notes: list[str],
+                    stats: StatsOptions = DEFAULT) -> Figures:
     """Accuracy per corruption (severities averaged per episode) and method; a panel per domain."""
     for group, data in results.groupby(list(GROUP), sort=False):
         data = data[data.method.isin(MAIN_METHODS)]
@@ -231,7 +241,7 @@ def corruption_bars(results: pd.DataFrame, palette: Palette, notes: list[str]) -
         clean = data.loc[data.norm == "none", ["domain", "method", "episode", "accuracy"]]
         per_episode = pd.concat([clean.assign(attack="clean"), per_episode])
         yield ("corruptions_" + "_".join(map(str, group)),
-               _corruption_figure(per_episode, data, group, palette))
+               _corruption_figure(per_episode, data, group, palette, stats))
 
 
 def _note_severities(corrupted: pd.DataFrame, group: tuple, notes: list[str]) -> None:
@@ -244,7 +254,7 @@ def _note_severities(corrupted: pd.DataFrame, group: tuple, notes: list[str]) ->
 
 
 def _corruption_figure(per_episode: pd.DataFrame, data: pd.DataFrame, group: tuple,
-                       palette: Palette) -> Figure:
+                       palette: Palette, stats: StatsOptions) -> Figure:
     methods = [m for m in MAIN_METHODS if m in set(per_episode.method)]
     names = ["clean"] * bool((per_episode.attack == "clean").any()) + sorted(
         set(per_episode.attack) - {"clean"})
@@ -254,7 +264,8 @@ def _corruption_figure(per_episode: pd.DataFrame, data: pd.DataFrame, group: tup
     for ax, domain in zip(axes, in_domain + out_domain, strict=True):
         rows = per_episode[per_episode.domain == domain]
         shown = [n for n in names if n in set(rows.attack)]
-        _bars(ax, summarise(rows, ["attack", "method"]), "attack", shown, methods, palette,
+        _bars(ax, summarise(rows, ["attack", "method"], stats=stats), "attack", shown, methods,
+              palette,
               [n.replace("_", " ") for n in shown])
         ax.set_title(f"{domain} (in-domain)" if domain in in_domain else domain)
     _legend(figure, methods, palette)
@@ -293,24 +304,25 @@ def spectra_figures(spectra: pd.DataFrame, palette: Palette) -> Figures:
 
 
 def figure_builders(results: pd.DataFrame, spectra: pd.DataFrame | None, palette: Palette,
-                    notes: list[str]) -> list[tuple[str, str, Callable[[], Figures]]]:
+                    notes: list[str], stats: StatsOptions = DEFAULT
+                    ) -> list[tuple[str, str, Callable[[], Figures]]]:
     """(name, what it needs, builder) of every figure kind."""
     return [
         ("clean-vs-adversarial bars", "main methods with clean and linf/l2 rows",
-         lambda: clean_vs_adversarial(results, palette)),
+         lambda: clean_vs_adversarial(results, palette, stats)),
         ("accuracy-vs-eps curves", "main methods with linf/l2 rows",
-         lambda: eps_curves(results, palette)),
+         lambda: eps_curves(results, palette, stats)),
         ("ablation, merging and pool bars", "their methods with clean or linf/l2 rows",
-         lambda: table_bars(results, palette)),
+         lambda: table_bars(results, palette, stats)),
         ("corruption bars", "main methods with corruption rows",
-         lambda: corruption_bars(results, palette, notes)),
+         lambda: corruption_bars(results, palette, notes, stats)),
         ("singular-value spectra", "a spectra table",
          lambda: iter(()) if spectra is None else spectra_figures(spectra, palette)),
     ]
 
 
 def build_figures(results: pd.DataFrame, spectra: pd.DataFrame | None,
-                  out_dir: Path) -> list[Path]:
+                  out_dir: Path, stats: StatsOptions = DEFAULT) -> list[Path]:
     """Write every figure the data supports (PNG and PDF); log a note for each kind skipped."""
     require_results(results)
     out_dir = Path(out_dir)
@@ -320,7 +332,7 @@ def build_figures(results: pd.DataFrame, spectra: pd.DataFrame | None,
     notes: list[str] = []
     paths: list[Path] = []
     with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
-        for name, needs, build in figure_builders(results, spectra, palette, notes):
+        for name, needs, build in figure_builders(results, spectra, palette, notes, stats):
             made = [p for stem, figure in build() for p in save_figure(figure, out_dir, stem)]
             if not made:
                 notes.append(f"{name} skipped: needs {needs}")

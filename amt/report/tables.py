@@ -8,7 +8,8 @@ their methods has results, methods absent from a table, cells without results.
 
 Layouts:
 - ``domains``: rows methods, columns the domains (in-domain first), then the in-domain and
-  out-of-domain averages (mean of per-domain means, ± √(Σ ci²)/D) for a kind with 2+ domains.
+  out-of-domain averages (mean of per-domain means, ± √(Σ ci²)/D or the mean CI, as the
+  report's ``StatsOptions`` say) for a kind with 2+ domains.
 - ``conditions``: rows methods, columns the conditions (clean, then each attack/norm/eps); a cell
   is the average over the out-of-domain targets (all domains when there is none).
 """
@@ -32,8 +33,9 @@ from amt.report.results import (
     method_label,
     select_condition,
 )
-from amt.report.stats import Estimate, mean_of_means, paired_difference, summarise
+from amt.report.stats import DEFAULT, Estimate, mean_of_means, paired_difference, summarise
 from amt.rows import GROUP, require_results
+from amt.specs import StatsOptions
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +131,11 @@ def _episodes(data: pd.DataFrame, method: str, domain: str) -> pd.Series:
 
 
 def domain_cells(data: pd.DataFrame, rows: Sequence[str], domains: Sequence[str],
-                 reference: str | None = None, label: str = "") -> Cells:
+                 reference: str | None = None, label: str = "",
+                 stats: StatsOptions = DEFAULT) -> Cells:
     """Per (method, domain) estimate of one condition's rows; paired to ``reference`` if given."""
     if reference is None:
-        summary = summarise(data[data.method.isin(rows)], ["method", "domain"])
+        summary = summarise(data[data.method.isin(rows)], ["method", "domain"], stats=stats)
         return {(r.method, r.domain): Estimate(r.mean, r.ci, int(r.n))
                 for r in summary.itertuples(index=False)}
     cells: Cells = {}
@@ -141,14 +144,15 @@ def domain_cells(data: pd.DataFrame, rows: Sequence[str], domains: Sequence[str]
             a, b = _episodes(data, method, domain), _episodes(data, reference, domain)
             if len(a) and len(b):
                 cells[method, domain] = paired_difference(
-                    a, b, f"{method} vs {reference}, {label}, {domain}")
+                    a, b, f"{method} vs {reference}, {label}, {domain}", stats)
     return cells
 
 
-def average_cell(cells: Cells, row: str, domains: Sequence[str]) -> Estimate | None:
+def average_cell(cells: Cells, row: str, domains: Sequence[str],
+                 stats: StatsOptions = DEFAULT) -> Estimate | None:
     """Mean of the row's per-domain estimates; None unless every domain has one."""
     found = [cells.get((row, d)) for d in domains]
-    return None if any(e is None for e in found) else mean_of_means(found)
+    return None if any(e is None for e in found) else mean_of_means(found, stats)
 
 
 def target_domains(data: pd.DataFrame) -> tuple[list[str], str]:
@@ -187,19 +191,19 @@ def _caption(spec: TableSpec, group: tuple, reference: str, extra: str) -> str:
 
 def _domains_table(spec: TableSpec, data: pd.DataFrame, group: tuple,
                    condition: tuple[str, str, float], rows: list[str],
-                   reference: str) -> Table:
+                   reference: str, stats: StatsOptions) -> Table:
     in_domain, out_domain = ordered_domains(data[data.method.isin([*rows, reference])])
     domains = in_domain + out_domain
     label = condition_label(*condition)
     cells = domain_cells(data, rows, domains, reference if spec.difference else None,
-                         f"{'/'.join(map(str, group))}, {label}")
+                         f"{'/'.join(map(str, group))}, {label}", stats)
     columns, column_labels = list(domains), list(domains)
     for name, kind in ((ID_AVG, in_domain), (OOD_AVG, out_domain)):
         if len(kind) >= 2:
             columns.append(name)
             column_labels.append(name)
             for row in rows:
-                estimate = average_cell(cells, row, kind)
+                estimate = average_cell(cells, row, kind, stats)
                 if estimate is not None:
                     cells[row, name] = estimate
     where = f"; in-domain: {', '.join(in_domain)}" if in_domain else ""
@@ -209,16 +213,17 @@ def _domains_table(spec: TableSpec, data: pd.DataFrame, group: tuple,
 
 
 def _conditions_table(spec: TableSpec, data: pd.DataFrame, group: tuple, rows: list[str],
-                      reference: str) -> Table:
+                      reference: str, stats: StatsOptions) -> Table:
     shown = data[data.method.isin(rows)]
     targets, how = target_domains(shown)
     found = conditions(shown, spec.kinds)
     cells: Cells = {}
     for condition in found:
-        per_domain = domain_cells(select_condition(shown, condition), rows, targets)
+        per_domain = domain_cells(select_condition(shown, condition), rows, targets,
+                                  stats=stats)
         slug = condition_slug(*condition)
         for row in rows:
-            estimate = average_cell(per_domain, row, targets)
+            estimate = average_cell(per_domain, row, targets, stats)
             if estimate is not None:
                 cells[row, slug] = estimate
     return Table(_stem(spec.name, *map(str, group)),
@@ -228,7 +233,7 @@ def _conditions_table(spec: TableSpec, data: pd.DataFrame, group: tuple, rows: l
 
 
 def spec_tables(spec: TableSpec, results: pd.DataFrame, notes: list[str],
-                reference: str = "pm") -> list[Table]:
+                reference: str = "pm", stats: StatsOptions = DEFAULT) -> list[Table]:
     """Every table of ``spec`` the results support; notes what is skipped or missing."""
     tables = []
     for group, data in results.groupby(list(GROUP), sort=False):
@@ -239,8 +244,9 @@ def spec_tables(spec: TableSpec, results: pd.DataFrame, notes: list[str],
             rows = _rows(spec, present, reference)
             if not rows:
                 continue
-            table = (_conditions_table(spec, part, group, rows, reference) if condition is None
-                     else _domains_table(spec, part, group, condition, rows, reference))
+            table = (_conditions_table(spec, part, group, rows, reference, stats)
+                     if condition is None else
+                     _domains_table(spec, part, group, condition, rows, reference, stats))
             if not table.columns:
                 continue
             wanted = (spec.anchor,) * bool(spec.anchor) + (spec.methods or ())
@@ -371,11 +377,17 @@ def write_table(table: Table, out_dir: Path) -> list[Path]:
     return paths
 
 
-def _index(tables: list[Table], notes: list[str], references: Sequence[str]) -> str:
+AVERAGE_CI_TEXT = {"pooled": "± √(Σ CI²) / domains (independent domains)",
+                   "mean": "± the mean of the per-domain CIs (the AMT release's)"}
+
+
+def _index(tables: list[Table], notes: list[str], references: Sequence[str],
+           stats: StatsOptions) -> str:
     minus = " or ".join(method_label(r) for r in references)
     lines = ["# Tables", "",
-             "Cells: mean ± 95% CI over test episodes, 1.96 · std / √n with std = np.std "
-             "(ddof=0), in %. Averages: mean of per-domain means, ± √(Σ CI²) / domains. "
+             "Cells: mean ± 95% CI over test episodes, 1.96 · std / √n with the std of ddof="
+             f"{stats.std_ddof}, in %. Averages: mean of per-domain means, "
+             f"{AVERAGE_CI_TEXT[stats.average_ci]}. "
              f"Differences (difference_vs_<method>): paired on shared episodes, minus {minus}. "
              "Bold: best per column.", ""]
     lines += [f"- [{t.stem}]({t.stem}.md) ([csv]({t.stem}.csv), [tex]({t.stem}.tex)): "
@@ -399,9 +411,11 @@ def _per_reference(specs: Sequence[TableSpec], references: Sequence[str]
 
 
 def build_tables(results: pd.DataFrame, out_dir: Path, references: Sequence[str] = REFERENCES,
-                 specs: Sequence[TableSpec] = TABLES) -> list[Path]:
+                 specs: Sequence[TableSpec] = TABLES, stats: StatsOptions = DEFAULT
+                 ) -> list[Path]:
     """Write every table the results support and ``tables.md``; return the paths written.
-    Paired-difference tables are written once per method in ``references``."""
+    Paired-difference tables are written once per method in ``references``; ``stats`` says
+    how episodes and domains are summarised."""
     if not references or len(set(references)) != len(references):
         raise ValueError(f"reference methods {list(references)}: expected one or more, "
                          "each once")
@@ -410,12 +424,12 @@ def build_tables(results: pd.DataFrame, out_dir: Path, references: Sequence[str]
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     tables = [t for spec, reference in _per_reference(specs, references)
-              for t in spec_tables(spec, results, notes, reference)]
+              for t in spec_tables(spec, results, notes, reference, stats)]
     notes += _uncovered(results, specs, references)
     for note in notes:
         log.warning("%s", note)
     paths = [p for table in tables for p in write_table(table, out_dir)]
     index = out_dir / "tables.md"
-    index.write_text(_index(tables, notes, references), encoding="utf-8")
+    index.write_text(_index(tables, notes, references, stats), encoding="utf-8")
     log.info("wrote %d tables to %s", len(tables), out_dir)
     return [*paths, index]
