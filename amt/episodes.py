@@ -183,9 +183,12 @@ class FixedSampler:
 class VariableSampler:
     """Meta-Dataset's variable-way variable-shot sampler (defaults: its gin configuration).
 
-    Classes with fewer than 2 images are never used (Meta-Dataset raises when one is drawn,
-    since a class needs one support and one query image). With ``use_hierarchy`` a two_level
-    store draws a superclass first, a dag store an internal node (see ``_groups``).
+    Classes with fewer than 2 images (``num_support`` + 1 with a fixed support) are never used
+    (Meta-Dataset raises when one is drawn, since a class needs one support and one query
+    image). With ``use_hierarchy`` a two_level store draws a superclass first, a dag store an
+    internal node (see ``_groups``). ``num_support`` fixes the support images per class with the
+    ways still variable (Meta-Dataset's num_support; queries then min(max_queries, the smallest
+    class - num_support)).
     """
 
     min_ways: int = 5
@@ -197,6 +200,7 @@ class VariableSampler:
     max_log_weight: float = math.log(2.0)
     max_spanning_leaves: int = 392  # Meta-Dataset's MAX_SPANNING_LEAVES_ELIGIBLE
     use_hierarchy: bool = True
+    num_support: int | None = None
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -206,6 +210,8 @@ class VariableSampler:
         check_int("max_support_per_class", self.max_support_per_class, 1)
         check_int("max_queries", self.max_queries, 1)
         check_int("max_spanning_leaves", self.max_spanning_leaves, self.min_ways)
+        if self.num_support is not None:
+            check_int("num_support", self.num_support, 1)
         weights = (self.min_log_weight, self.max_log_weight)
         if not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights) \
                 or weights[0] > weights[1]:
@@ -226,7 +232,7 @@ class VariableSampler:
 
     def _groups(self, store: DomainStore, split: str) -> tuple[str, list[np.ndarray]]:
         split_classes = store.classes_in_split(split)
-        eligible = split_classes[store.class_sizes[split_classes] >= 2]
+        eligible = split_classes[store.class_sizes[split_classes] >= self._min_images]
         hierarchy = store.hierarchy if self.use_hierarchy else None
         if hierarchy is None:
             kind, groups = "flat", [eligible] if len(eligible) >= self.min_ways else []
@@ -238,17 +244,26 @@ class VariableSampler:
         if not groups:
             raise ValueError(
                 f"{store.path}: split {split!r} cannot give a {kind} variable-way episode: "
-                f"{len(eligible)} of {len(split_classes)} classes have at least 2 images and no "
+                f"{len(eligible)} of {len(split_classes)} classes have at least "
+                f"{self._min_images} images and no "
                 f"{'group' if kind == 'flat' else 'superclass/node'} has min_ways={self.min_ways}")
         return kind, groups
+
+    @property
+    def _min_images(self) -> int:
+        return 2 if self.num_support is None else self.num_support + 1
 
     def sample(self, store: DomainStore, split: str, rng: np.random.Generator) -> Episode:
         classes = self._sample_classes(*self.check(store, split), rng)
         sizes = store.class_sizes[classes]
-        queries = min(self.max_queries, int((sizes // 2).min()))
-        remaining = sizes - queries
-        support_size = self._support_size(remaining, rng)
-        shots = self._shots(sizes, remaining, support_size, rng)
+        if self.num_support is not None:
+            queries = min(self.max_queries, int(sizes.min()) - self.num_support)
+            shots = np.full(len(classes), self.num_support)
+        else:
+            queries = min(self.max_queries, int((sizes // 2).min()))
+            remaining = sizes - queries
+            support_size = self._support_size(remaining, rng)
+            shots = self._shots(sizes, remaining, support_size, rng)
         return _pick_images(store, classes, shots, np.full(len(classes), queries), rng)
 
     def _sample_classes(self, kind: str, groups: list[np.ndarray], rng: np.random.Generator

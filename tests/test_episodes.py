@@ -195,6 +195,36 @@ def test_dag_episodes_use_the_leaves_of_one_node(dag):
     assert chosen == set(range(5))
 
 
+# The training settings of configs/paper.yaml: Meta-Dataset's sampler with ways capped at 5 and
+# one support image's contribution per class (the release's 5w1s validation file rule), and the
+# same with 5 support images per class.
+MD_5W1S = {"variable": True, "max_ways": 5, "max_support_per_class": 1}
+MD_5W5S = {"variable": True, "max_ways": 5, "num_support": 5}
+
+
+@pytest.mark.parametrize("store_name", ["flat", "two_level", "dag"])
+def test_meta_dataset_5_way_1_shot_episodes(store_name, request):
+    store = request.getfixturevalue(store_name)
+    sampler = sampler_from_setting(MD_5W1S)
+    for episode in draw_episodes(store, "train", sampler, 100, seed=3):
+        _check_common(store, "train", episode)
+        assert episode.ways == 5 and episode.shots.tolist() == [1] * 5
+        queries = min(10, int(store.class_sizes[episode.classes].min()) // 2)
+        assert episode.queries.tolist() == [queries] * 5 and queries <= 10
+
+
+def test_meta_dataset_5_way_5_shot_episodes_on_the_dag(dag):
+    groups = [set(g) for g in DAG_TRAIN_GROUPS]
+    sampler = sampler_from_setting(MD_5W5S)
+    for episode in draw_episodes(dag, "train", sampler, 100, seed=4):
+        _check_common(dag, "train", episode)
+        assert episode.ways == 5 and episode.shots.tolist() == [5] * 5
+        assert episode.queries.tolist() == [min(10, 12 - 5)] * 5  # the smallest class - shots
+        assert any(set(episode.classes.tolist()) <= g for g in groups)  # under one node
+    with pytest.raises(ValueError, match="at least 13 images"):
+        VariableSampler(num_support=12).check(dag, "train")
+
+
 def test_fixed_sampler_counts_and_eligible_classes(flat):
     sampler = FixedSampler(ways=5, shots=5, queries=15)
     for episode in draw_episodes(flat, "train", sampler, 100, seed=1):
@@ -327,7 +357,7 @@ def test_sampler_from_setting():
     assert sampler_from_setting({"ways": 5, "shots": 1, "queries": 15}) == FixedSampler(5, 1, 15)
     variable = sampler_from_setting({"variable": True, "max_ways": 20})
     assert variable == VariableSampler(max_ways=20)
-    for sampler in (FixedSampler(5, 5, 15), variable):
+    for sampler in (FixedSampler(5, 5, 15), variable, VariableSampler(num_support=3)):
         assert sampler_from_setting(json.loads(json.dumps(sampler.setting()))) == sampler
     with pytest.raises(ValueError, match=r"key 'way' is not allowed.*'ways', 'shots'"):
         sampler_from_setting({"way": 5, "shots": 1, "queries": 15})
