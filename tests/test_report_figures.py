@@ -206,10 +206,17 @@ def test_training_curves_from_pipeline_logs(tmp_path):
         {"epoch": [0, 1, 2], "loss": [6.7, 5.0, 4.0], "acc": [0.0, 0.1, 0.3]}))
     episodes = np.arange(30)
     meta = {"episode": episodes, "loss": 2 - episodes / 30, "acc": 0.5 + episodes / 100}
+    runs = {"lora": np.nan, "amt_separate/member0": 0.4 + episodes / 100}
     logs = [_write_log(root / "models" / "small_vit" / "5w1s" / run / "train_log.csv",
-                       pd.DataFrame({**meta, "adv_acc": adv}))
-            for run, adv in (("lora", np.nan), ("amt_separate/member0", 0.4 + episodes / 100))]
-    paths = build_training_figures([pretrain, *logs], root, tmp_path / "figures")
+                       pd.DataFrame({**meta, "adv_acc": adv})) for run, adv in runs.items()]
+    # lora validated before training and after each of 3 epochs of 10 episodes, epoch 2 kept;
+    # the member without validation rows (a run without train.validation)
+    validation = pd.DataFrame({"epoch": [0, 1, 2, 3], "episode": [0, 10, 20, 30],
+                               "acc": [0.4, 0.5, 0.7, 0.6], "kept": [0, 0, 1, 0],
+                               "acc_glyphs": [0.4, 0.5, 0.7, 0.6]})
+    valid_logs = [_write_log(log.parent / "valid_log.csv", frame) for log, frame in
+                  zip(logs, (validation, validation.iloc[:0]), strict=True)]
+    paths = build_training_figures([pretrain, *logs], root, tmp_path / "figures", valid_logs)
     assert sorted(p.name for p in paths) == [
         "training_pretrain_small_vit.pdf", "training_pretrain_small_vit.png",
         "training_small_vit_5w1s.pdf", "training_small_vit_5w1s.png"]
@@ -220,6 +227,16 @@ def test_training_curves_from_pipeline_logs(tmp_path):
             not line.get_label().startswith("_")] == [("amt_separate/member0", "-"), ("lora", "-")]
     assert len(lines) == 3 and lines[1].get_linestyle() == "--" and len(loss_ax.get_lines()) == 2
     assert loss_ax.get_lines()[0].get_ydata()[-1] < loss_ax.get_lines()[0].get_ydata()[0]
+
+    (_, marked), = [item for item in training_figures(logs, root, validation_logs=valid_logs)]
+    loss_ax, acc_ax = marked.axes[:2]
+    dotted = [line for line in acc_ax.get_lines() if line.get_linestyle() == ":"]
+    assert len(dotted) == 1 and list(dotted[0].get_ydata()) == [40, 50, 70, 60]
+    star, = [line for line in acc_ax.get_lines() if line.get_marker() == "*"]
+    assert (list(star.get_xdata()), list(star.get_ydata())) == ([20], [70])
+    for ax in (loss_ax, acc_ax):  # the kept epoch's line through both panels, lora's colour
+        kept, = [line for line in ax.get_lines() if line.get_linestyle() == "-."]
+        assert list(kept.get_xdata()) == [20, 20] and kept.get_color() == dotted[0].get_color()
 
 
 def test_training_log_outside_the_layout_is_named(tmp_path):
@@ -234,3 +251,9 @@ def test_training_log_outside_the_layout_is_named(tmp_path):
                         pd.DataFrame({"epoch": [0], "loss": [1.0]}))
     with pytest.raises(ResultsError, match=r"missing columns \['acc'\]"):
         read_log(broken, tmp_path / "results")
+    no_kept = _write_log(tmp_path / "results" / "models" / "b" / "s" / "pm" / "valid_log.csv",
+                         pd.DataFrame({"epoch": [0], "episode": [0], "acc": [0.5]}))
+    with pytest.raises(ResultsError, match=r"missing columns \['kept'\]"):
+        read_log(no_kept, tmp_path / "results", validation=True)
+    with pytest.raises(ResultsError, match=r"expected models/<backbone>/<setting>/<run>/"):
+        read_log(broken.with_name("valid_log.csv"), tmp_path / "results", validation=True)

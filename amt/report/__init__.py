@@ -47,7 +47,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.training_logs:
         try:
             figures += build_training_figures(args.training_logs, args.results_root,
-                                              args.figures_dir)
+                                              args.figures_dir, args.validation_logs)
         except (ResultsError, FileNotFoundError) as error:
             log.error("report: %s", error)
             return 1
@@ -69,6 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--figures-dir", type=Path, required=True, metavar="DIR")
     parser.add_argument("--training-logs", type=Path, nargs="+", default=[], metavar="CSV",
                         help="train_log.csv files under --results-root (training curves)")
+    parser.add_argument("--validation-logs", type=Path, nargs="*", default=[], metavar="CSV",
+                        help="valid_log.csv files of the meta-tuning runs (validation per "
+                        "epoch, the kept epoch marked in the training curves)")
     parser.add_argument("--results-root", type=Path, default=Path("results"), metavar="DIR",
                         help="what the training logs' folders are named relative to")
     parser.add_argument("--reference-methods", nargs="+", metavar="METHOD",

@@ -344,10 +344,12 @@ def build_figures(results: pd.DataFrame, spectra: pd.DataFrame | None,
 
 
 
-def build_training_figures(logs: Sequence[Path], root: Path, out_dir: Path) -> list[Path]:
-    """Training curves (``amt.report.training``) as PNG and PDF."""
+def build_training_figures(logs: Sequence[Path], root: Path, out_dir: Path,
+                           validation_logs: Sequence[Path] = ()) -> list[Path]:
+    """Training curves (``amt.report.training``), with validation and kept epochs, as PNG and
+    PDF."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with sns.axes_style("whitegrid"), sns.plotting_context("paper"):
-        return [p for stem, figure in training_figures(logs, root)
+        return [p for stem, figure in training_figures(logs, root, validation_logs=validation_logs)
                 for p in save_figure(figure, out_dir, stem)]
