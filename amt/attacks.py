@@ -134,10 +134,11 @@ def _project(x: Tensor, delta: Tensor, eps: float, norm: str) -> Tensor:
     return (x + delta).clamp(0, 1) - x  # the box only shrinks delta, so it stays in the ball
 
 
-def kl_divergence(adv_logits: Tensor, clean_logits: Tensor, direction: str = "adv_clean"
-                  ) -> Tensor:
-    """Per-example KL between the softmaxes: 'adv_clean' is KL(p_adv || p_clean) (method.md),
-    'clean_adv' is KL(p_clean || p_adv) (TRADES, and the AMT release's ``F.kl_div`` call)."""
+def kl_divergence(adv_logits: Tensor, clean_logits: Tensor, direction: str) -> Tensor:
+    """Per-example KL between the softmaxes: 'clean_adv' is KL(p_clean || p_adv) (TRADES, and
+    the AMT release's ``F.kl_div(log_softmax(adv), softmax(clean))``: adsv.py:71-72, 122-123,
+    engine.py:81-82), 'adv_clean' KL(p_adv || p_clean). Training's mean over queries equals the
+    release's batchmean (the sum over queries and classes over the number of queries)."""
     if direction not in KL_DIRECTIONS:
         raise ValueError(f"KL direction {direction!r}: expected one of {KL_DIRECTIONS}")
     log_adv, log_clean = F.log_softmax(adv_logits, -1), F.log_softmax(clean_logits, -1)
@@ -146,11 +147,11 @@ def kl_divergence(adv_logits: Tensor, clean_logits: Tensor, direction: str = "ad
 
 
 def kl_query_attack(model_fn: Callable[[Tensor], Tensor], xq: Tensor, eps: float, alpha: float,
-                    steps: int, random_start: bool = True, direction: str = "adv_clean",
+                    steps: int, direction: str, random_start: bool = True,
                     generator: torch.Generator | None = None) -> Tensor:
-    """APQ: l_inf PGD on the queries maximising the KL between the softmaxes of the attacked and
-    the clean query logits (clean logits detached). ``model_fn`` maps queries to logits against
-    prototypes computed once per episode, outside.
+    """APQ: l_inf PGD on the queries maximising the KL (``direction``, see ``kl_divergence``)
+    between the softmaxes of the attacked and the clean query logits (clean logits detached).
+    ``model_fn`` maps queries to logits against prototypes computed once per episode, outside.
 
     At the clean queries the KL is at its minimum and its gradient is zero up to rounding, so
     from a zero start the first signed step follows rounding noise; ``random_start`` (uniform

@@ -5,7 +5,8 @@ Every file here holds tensors and plain containers only, so it loads with
 is refused. Two tagged formats:
 
 - ``amt-checkpoint``: a training run in progress (trainable tensors, optimiser, episode counter,
-  RNG states, config); written every N episodes as ``checkpoint.pt``.
+  RNG states, config, the validation so far with the best epoch's trainable tensors); written
+  every N episodes as ``checkpoint.pt``.
 - ``amt-model``: a finished model file (``model.pt``); its ``method`` says what it holds:
   ``pretrain`` and ``pm`` a full backbone (``backbone_state``, timm keys), ``lora`` and ``amt``
   adapters only (``lora``) to be applied to the backbone file recorded in it; all but
@@ -40,6 +41,7 @@ MODEL_FORMAT = "amt-model"
 FORMAT_VERSION = 1
 # The files a training run leaves in its folder.
 CHECKPOINT, MODEL, LOG, MANIFEST = "checkpoint.pt", "model.pt", "train_log.csv", "manifest.json"
+VALID_LOG = "valid_log.csv"  # meta-tuning: validation accuracy per epoch, the kept one marked
 
 
 def recorded_pos_embed(obj: dict) -> str:

@@ -67,6 +67,11 @@ REGISTRY_ENUMS: dict[str, list] = {
     "pos_embeds": list(registry.POS_EMBEDS),
     "average_cis": list(registry.AVERAGE_CIS),
     "codecs": list(CODECS),
+    "optimizers": list(registry.OPTIMIZERS),
+    "schedules": list(registry.SCHEDULES),
+    "keep": list(registry.KEEP),
+    "apsv_rescale": list(registry.APSV_RESCALE),
+    "apsv_loss_support": list(registry.APSV_LOSS_SUPPORT),
     "backbones": list(registry.BACKBONES),
     "sources": list(SOURCES),
 }
@@ -177,10 +182,31 @@ def check_config(config: dict) -> None:
                  config["evaluate"].get("references", []), config["evaluate"]["methods"])
     _check_names("settings", "evaluate.settings (models are trained for train.settings)",
                  config["evaluate"]["settings"], train["settings"])
+    _check_training(train, list(domains), settings)
     _check_grids(config["evaluate"])
     _check_trained(config["evaluate"], train)
     _check_release(config)
     _parse_values(config)
+
+
+def _check_training(train: dict, domains: list[str], settings: list[str]) -> None:
+    """train.episodes maps trained settings to settings; validation names domains, and keeping
+    the best epoch needs it."""
+    episodes = train.get("episodes", {})
+    _check_names("settings", "train.episodes (its keys: trained settings)", list(episodes),
+                 train["settings"])
+    _check_names("settings", "train.episodes", list(episodes.values()), settings)
+    validation = train.get("validation")
+    if validation is not None:
+        _check_names("domains", "train.validation.domains", validation.get("domains", []),
+                     domains)
+    overrides = train.get("overrides", {})
+    keeping_best = [f"train.overrides.{name}.keep" for name, o in overrides.items()
+                    if o.get("keep") == "best"] + (["train.keep"] * (train.get("keep") == "best"))
+    if keeping_best and validation is None:
+        raise ConfigError(f"config key {keeping_best[0]}: best needs validation episodes; add "
+                          "train.validation: {count: N, seed: S} (domains: default "
+                          "train.sources)")
 
 
 def _parse_values(config: dict) -> None:
@@ -300,13 +326,15 @@ def _class_sizes(source: str, store: Path):
 def check_episode_sizes(plan: Plan) -> None:
     """Every fixed setting needs `ways` classes with shots + queries images in the split its
     episodes come from: test for the evaluated targets (validation episodes fall back to it),
-    train for the training sources. Checked with the sampler's own check where the class sizes
-    are known; other domains fail when their episodes are drawn."""
+    train for the training sources, valid for the training runs' validation domains. Checked
+    with the sampler's own check where the class sizes are known; other domains fail when their
+    episodes are drawn."""
     config = plan.config
     uses = [(d, s, "test") for d in config["evaluate"]["targets"]
             for s in config["evaluate"]["settings"]]
-    uses += [(d, s, "train") for d in config["train"]["sources"]
-             for s in config["train"]["settings"]]
+    trained = [plan.train_setting(s) for s in config["train"]["settings"]]
+    uses += [(d, s, "train") for d in config["train"]["sources"] for s in trained]
+    uses += [(d, s, "valid") for d in plan.validation_domains for s in trained]
     problems, known = [], {}
     for domain, setting, split in uses:
         sampler = sampler_from_setting(config["settings"][setting])

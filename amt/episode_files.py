@@ -25,6 +25,7 @@ import numpy as np
 
 from amt.episodes import Episode, Sampler, draw_episodes, sampler_from_setting
 from amt.errors import UserError
+from amt.registry import EPISODE_KINDS
 from data_prep.store import DomainStore
 
 EPISODE_FORMAT = "amt-episodes"
@@ -167,9 +168,13 @@ def _int_list(value: object, what: str) -> list[int]:
 def episode_split(store: DomainStore, sampler: Sampler, kind: str) -> str:
     """Test episodes come from the test split. Validation episodes (hyperparameter selection)
     come from the valid split when it can hold the setting, else from the test split (the
-    out-of-domain targets have only test classes), drawn with a different seed."""
+    out-of-domain targets have only test classes), drawn with a different seed. A training
+    run's validation episodes come from the valid split only (the release's VALID split):
+    choosing the kept epoch on test classes would leak them into the model."""
     if kind == "test":
         return "test"
+    if kind == "train_valid":
+        return "valid"
     try:
         sampler.check(store, "valid")
     except ValueError:
@@ -185,7 +190,10 @@ def cmd_episodes(args: argparse.Namespace) -> int:
     store = DomainStore(config.store)
     sampler = sampler_from_setting(config.setting)
     split = episode_split(store, sampler, config.kind)
-    episodes = draw_episodes(store, split, sampler, config.count, config.seed)
+    try:
+        episodes = draw_episodes(store, split, sampler, config.count, config.seed)
+    except ValueError as err:  # the split cannot hold the setting: the sampler names both
+        raise UserError(f"{config.domain} {config.kind} episodes: {err}") from None
     meta = episode_meta(store, domain=config.domain, split=split, sampler=sampler,
                         seed=config.seed, count=config.count)
     meta.update(kind=config.kind, setting_name=config.setting_name)
@@ -203,7 +211,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_spec_argument(p, EpisodesConfig)
     p.add_argument("--store", type=Path)
     p.add_argument("--domain")
-    p.add_argument("--kind", choices=["test", "valid"])
+    p.add_argument("--kind", choices=EPISODE_KINDS)
     p.add_argument("--setting-name")
     p.add_argument("--setting", type=json.loads, help='JSON, e.g. {"ways": 5, "shots": 1, '
                    '"queries": 15}')

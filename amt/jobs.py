@@ -21,6 +21,7 @@ from amt.episode_files import check_episodes_fit, check_episodes_match, load_epi
 from amt.episodes import Episode
 from amt.methods import Method, load_method
 from amt.specs import Hyper
+from amt.transforms import default_resize
 from amt.transforms import test_transform as make_test_transform
 from data_prep.store import DomainStore
 
@@ -67,7 +68,7 @@ def image_sizes(method: Method, image_size: int | None, resize: int | None, mode
     size = image_size or model_size
     if size != model_size:
         raise ValueError(f"--image-size {size}: the model {model} was built for {model_size} px")
-    return size, resize or round(size * 146 / 128)
+    return size, resize or default_resize(size)
 
 
 def episode_batches(dataset: EpisodeDataset, workers: int, device: torch.device

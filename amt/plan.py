@@ -13,7 +13,7 @@ import shlex
 from collections import Counter
 from fractions import Fraction
 
-from amt.registry import METHODS, TRAINED, parse_budget
+from amt.registry import EPISODE_KINDS, METHODS, TRAINED, parse_budget
 from amt.specs import (
     EpisodesConfig,
     EvalConfig,
@@ -42,9 +42,11 @@ PATHS = {
     "backbone_manifest": f"{RESULTS}/backbones/{{backbone}}/manifest.json",
     "model": f"{MODELS}/{{backbone}}/{{setting}}/{{trained}}/model.pt",
     "model_log": f"{MODELS}/{{backbone}}/{{setting}}/{{trained}}/train_log.csv",
+    "model_valid_log": f"{MODELS}/{{backbone}}/{{setting}}/{{trained}}/valid_log.csv",
     "model_manifest": f"{MODELS}/{{backbone}}/{{setting}}/{{trained}}/manifest.json",
     "member": f"{MEMBER}/model.pt",
     "member_log": f"{MEMBER}/train_log.csv",
+    "member_valid_log": f"{MEMBER}/valid_log.csv",
     "member_manifest": f"{MEMBER}/manifest.json",
     "pool": f"{MODELS}/{{backbone}}/{{setting}}/{{trained}}_{{strategy}}/pool.pt",
     "release_pool": f"{MODELS}/{{backbone}}/{{setting}}/release/pool.pt",
@@ -71,14 +73,17 @@ JOB_NAMES = {
     "evaluate": "{backbone}_{setting}_{domain}_{method}",
     "report": "report",
 }
-EPISODE_KINDS = ("test", "valid")
+EVALUATION_KINDS = EPISODE_KINDS[:2]  # test and valid: drawn per evaluated domain and setting
+VALIDATION_KIND = "train_valid"  # a training run's per-epoch validation
 DEFAULT_STRATEGIES = ("separate",)  # train.amt.pool_strategies unset: AMT's own pool
 DEFAULT_BENCHMARK = "builtin"
 DEFAULT_WORKERS = 2  # conversion processes of a domain without workers of its own
-# config.train keys that are TrainConfig fields of every run, and config.train.amt's of members
-SCHEDULE_KEYS = ("epochs", "episodes_per_epoch", "lr", "warmup_epochs", "rank",
-                 "checkpoint_every")
-MEMBER_KEYS = ("attack_steps", "awp_gamma", "lambda_adv", "apq", "apsv", "kl_direction")
+# config.train keys that are TrainConfig fields of every run (train.overrides.<trained> may set
+# them per trained method), and config.train.amt's of members
+RUN_KEYS = ("epochs", "episodes_per_epoch", "optimizer", "lr", "momentum", "weight_decay",
+            "schedule", "warmup_epochs", "keep", "rank", "checkpoint_every")
+MEMBER_KEYS = ("attack_steps", "awp_gamma", "lambda_adv", "apq", "apsv", "kl_direction",
+               "apsv_rescale", "apsv_detach_support", "apsv_loss_support")
 
 
 def _fill(template: str, wildcards: dict[str, object]) -> str:
@@ -170,7 +175,8 @@ class Plan:
         return shlex.join(parts)
 
     def episodes_spec(self, domain: str, kind: str, setting: str) -> EpisodesConfig:
-        draw = self.config["episodes"][kind]
+        draw = self.train["validation"] if kind == VALIDATION_KIND else \
+            self.config["episodes"][kind]
         return EpisodesConfig(
             store=path("store", domain=domain), domain=domain, kind=kind, setting_name=setting,
             setting=self.config["settings"][setting], count=draw["count"], seed=draw["seed"],
@@ -194,14 +200,35 @@ class Plan:
     def train_stores(self) -> list[str]:
         return [path("store", domain=d) for d in self.train["sources"]]
 
+    def train_setting(self, setting: str) -> str:
+        """The setting whose episodes train (and validate) the models evaluated in
+        ``setting``: train.episodes maps one to the other (Meta-Dataset's sampler, say)."""
+        return self.train.get("episodes", {}).get(setting, setting)
+
+    @property
+    def validation_domains(self) -> list[str]:
+        """The domains whose valid split validates every training run after each epoch."""
+        validation = self.train.get("validation")
+        return [] if validation is None else validation.get("domains", self.train["sources"])
+
+    def validation_stores(self) -> list[str]:
+        return [path("store", domain=d) for d in self.validation_domains]
+
+    def validation_episodes(self, setting: str) -> list[str]:
+        """The stored validation episodes of the runs evaluated in ``setting``, one file per
+        validation domain (in the order of ``validation_stores``)."""
+        return [path("episodes", domain=d, kind=VALIDATION_KIND,
+                     setting=self.train_setting(setting)) for d in self.validation_domains]
+
     def _train_spec(self, backbone: str, setting: str, trained: str, **fields: object
                     ) -> TrainConfig:
-        schedule = {k: self.train[k] for k in SCHEDULE_KEYS if k in self.train}
+        run = {k: self.train[k] for k in RUN_KEYS if k in self.train}
+        run |= self.train.get("overrides", {}).get(trained, {})
         spec = self.config["backbones"][backbone]
         pos_embed = {"pos_embed": spec["pos_embed"]} if "pos_embed" in spec else {}
         return TrainConfig(method=TRAINED[trained].trainer, backbone=backbone,
                            backbone_checkpoint=self.backbone_checkpoint(backbone),
-                           setting=self.config["settings"][setting], **schedule,
+                           setting=self.config["settings"][self.train_setting(setting)], **run,
                            **pos_embed, **self._run_options(), **fields)
 
     def baseline_spec(self, backbone: str, setting: str, trained: str) -> TrainConfig:
@@ -348,8 +375,15 @@ class Plan:
         return [b for b in self.train["backbones"] if "pretrain" in self.config["backbones"][b]]
 
     def episode_draws(self) -> list[dict[str, str]]:
+        """The evaluation's episode files: test and valid, per target and setting."""
         return [{"domain": d, "kind": k, "setting": s} for d in self.evaluate["targets"]
-                for s in self.evaluate["settings"] for k in EPISODE_KINDS]
+                for s in self.evaluate["settings"] for k in EVALUATION_KINDS]
+
+    def validation_draws(self) -> list[dict[str, str]]:
+        """The training runs' validation episode files, per domain and training setting."""
+        settings = dict.fromkeys(self.train_setting(s) for s in self.train["settings"])
+        return [{"domain": d, "kind": VALIDATION_KIND, "setting": s}
+                for s in settings for d in self.validation_domains]
 
     def model_targets(self) -> list[str]:
         return [path("model", **job) for job in self.baselines()] + \
@@ -365,6 +399,11 @@ class Plan:
         return [path("backbone_log", backbone=b) for b in self.pretrained_backbones()] + \
             [path("model_log", **job) for job in self.baselines()] + \
             [path("member_log", **job) for job in self.members()]
+
+    def validation_logs(self) -> list[str]:
+        """Every valid_log.csv of the meta-tuning runs (validation per epoch, the kept one)."""
+        return [path("model_valid_log", **job) for job in self.baselines()] + \
+            [path("member_valid_log", **job) for job in self.members()]
 
     def rows(self) -> list[str]:
         return [path("rows", **job) for job in self.evaluations()]
@@ -389,7 +428,8 @@ class Plan:
     def specs(self) -> list[tuple[str, object]]:
         """(rule, spec) of every job that has a spec: building them runs each job's own checks
         on the values the workflow will pass it."""
-        return [("draw_episodes", self.episodes_spec(**job)) for job in self.episode_draws()] + \
+        draws = self.episode_draws() + self.validation_draws()
+        return [("draw_episodes", self.episodes_spec(**job)) for job in draws] + \
             [("pretrain_backbone", self.pretrain_spec(b)) for b in self.pretrained_backbones()] + \
             [("train_baseline", self.baseline_spec(**job)) for job in self.baselines()] + \
             [("train_amt_member", self.member_spec(**job)) for job in self.members()] + \

@@ -1,10 +1,11 @@
 """The names and facts everything else reads, free of torch.
 
 Test-time methods and how each is built, trained methods, the authors' released pool, pool
-strategies, attacks, norms, corruptions and their severities, STr layer choices, KL directions,
-backbones, and the one budget parser. The schema's enums, the config check, the workflow plan,
-the jobs and the report all read this module; ``tests/test_registry.py`` fails when any of them
-disagrees with it.
+strategies, attacks, norms, corruptions and their severities, STr layer choices, meta-tuning
+choices (KL direction, optimiser, schedule, kept epoch, APSV variants), episode kinds, backbones,
+and the one budget parser. The schema's enums, the config check, the workflow plan, the jobs and
+the report all read this module; ``tests/test_registry.py`` fails when any of them disagrees
+with it.
 
 Adding a test-time method is one ``MethodEntry`` here, its class in ``amt/methods.py`` (if no
 existing kind builds it) and its grid in the configs. Adding a backbone of a known checkpoint
@@ -43,7 +44,25 @@ NORMS = ("linf", "l2")
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gaussian_blur",
                "contrast", "brightness", "jpeg")
 SEVERITIES = (1, 2, 3, 4, 5)
-KL_DIRECTIONS = ("adv_clean", "clean_adv")  # KL(p_adv || p_clean), KL(p_clean || p_adv)
+KL_DIRECTIONS = ("clean_adv", "adv_clean")  # KL(p_clean || p_adv) (TRADES); KL(p_adv || p_clean)
+
+# -- meta-tuning choices --------------------------------------------------------------------------
+OPTIMIZERS = ("sgd", "adamw")
+# cosine_episode: linear warm-up then cosine, per episode; cosine_epoch_timm: timm's per-epoch
+# cosine as the AMT release steps it (before each epoch); _after: as PMF steps it (after each)
+SCHEDULES = ("cosine_episode", "cosine_epoch_timm", "cosine_epoch_timm_after")
+KEEP = ("best", "last")  # the epoch whose weights a run writes: best validation accuracy, or last
+# APSV's rescaling unit: a layer's A (and B) over all its output blocks (the release's fused qkv
+# tensors), or each block's adapter tensor
+APSV_RESCALE = ("layer", "block")
+# where the final loss takes the support embeddings from: the unperturbed weights w (the
+# release), or the perturbed w + v
+APSV_LOSS_SUPPORT = ("unperturbed", "perturbed")
+
+# -- stored episodes ------------------------------------------------------------------------------
+# test: evaluation; valid: test-time hyperparameter selection; train_valid: the validation of a
+# training run after every epoch (the valid split only)
+EPISODE_KINDS = ("test", "valid", "train_valid")
 
 # -- LoRA layers and singular value trimming ------------------------------------------------------
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # layer-name suffixes

@@ -21,14 +21,20 @@ import numpy as np
 
 from amt.errors import UserError
 from amt.registry import (
+    APSV_LOSS_SUPPORT,
+    APSV_RESCALE,
     ATTACKS,
     AVERAGE_CIS,
     CORRUPTIONS,
+    EPISODE_KINDS,
+    KEEP,
     KL_DIRECTIONS,
     LORA_TARGETS,
     NORMS,
+    OPTIMIZERS,
     POOL_STRATEGIES,
     POS_EMBEDS,
+    SCHEDULES,
     SCORE_PRECISIONS,
     SEVERITIES,
     STR_LAYERS,
@@ -259,10 +265,15 @@ class TrainConfig:
     seed: int = 0
     epochs: int = 30
     episodes_per_epoch: int = 2000
+    optimizer: str = "sgd"  # a registry.OPTIMIZERS name
     lr: float = 5e-4
-    warmup_epochs: int = 5
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
+    schedule: str = "cosine_episode"  # a registry.SCHEDULES name
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6  # cosine_epoch_timm*: the lr warm-up starts from (timm's warmup_lr)
+    min_lr: float = 1e-6  # cosine_epoch_timm*: the cosine's floor (timm's min_lr)
+    keep: str = "last"  # 'best' (the best validation epoch) needs validation episodes
     rank: int = 8
     targets: tuple[str, ...] = LORA_TARGETS
     # APQ's l_inf radii in [0, 1] pixels: one is fixed; with several, each episode draws one
@@ -271,10 +282,13 @@ class TrainConfig:
     attack_steps: int = 10
     attack_alpha: float | None = None  # None -> budget / 4
     attack_random_start: bool = True  # a zero start leaves a KL attack at the clean queries
-    kl_direction: str = "adv_clean"  # KL(adv || clean); the release: clean_adv
+    kl_direction: str = "clean_adv"  # KL(p_clean || p_adv): TRADES and the release
     apq: bool = True
     apsv: bool = True
     awp_gamma: float = 5e-3
+    apsv_rescale: str = "layer"  # a registry.APSV_RESCALE name; the release: layer
+    apsv_detach_support: bool = True  # the ascent's support embeddings detached (the release)
+    apsv_loss_support: str = "unperturbed"  # a registry.APSV_LOSS_SUPPORT name; the release
     lambda_adv: float = 6.0
     amp: bool = True  # bfloat16 autocast, on CUDA only
     device: str = "auto"
@@ -291,12 +305,17 @@ class TrainConfig:
         if self.image_size is None:
             self.image_size = backbone_entry(self.backbone).image_size
         backbone_entry(self.backbone)
-        _choice(self, "pos_embed", POS_EMBEDS)
-        _choice(self, "kl_direction", KL_DIRECTIONS)
+        for key, names in (("pos_embed", POS_EMBEDS), ("kl_direction", KL_DIRECTIONS),
+                           ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("keep", KEEP),
+                           ("apsv_rescale", APSV_RESCALE), ("apsv_loss_support", APSV_LOSS_SUPPORT)):
+            _choice(self, key, names)
         _ints(self, 1, "image_size", "epochs", "episodes_per_epoch", "rank", "checkpoint_every",
               "log_every")
         _ints(self, 0, "seed", "warmup_epochs", "attack_steps", "workers")
-        _numbers(self, 0, "lr", "momentum", "weight_decay", "awp_gamma", "lambda_adv")
+        _numbers(self, 0, "lr", "momentum", "weight_decay", "warmup_lr", "min_lr", "awp_gamma",
+                 "lambda_adv")
+        _expect(self, isinstance(self.apsv_detach_support, bool), "apsv_detach_support",
+                "true or false")
         if self.attack_alpha is not None:
             self.attack_alpha = parse_budget(self.attack_alpha, "attack_alpha")
 
@@ -321,6 +340,11 @@ class TrainConfig:
     @property
     def perturbed_adapters(self) -> bool:
         return self.method == "amt" and self.apsv and self.awp_gamma > 0
+
+    @property
+    def loss_support_unperturbed(self) -> bool:
+        """The final loss takes the support embeddings from the weights before APSV."""
+        return self.perturbed_adapters and self.apsv_loss_support == "unperturbed"
 
 
 @dataclass
@@ -453,7 +477,8 @@ class EvalConfig:
 @dataclass
 class EpisodesConfig:
     """One draw of stored episodes: ``count`` episodes of ``setting`` from one domain's store,
-    for testing (kind test) or hyperparameter selection (kind valid)."""
+    for testing (kind test), hyperparameter selection (kind valid) or a training run's
+    per-epoch validation (kind train_valid)."""
 
     store: Path
     domain: str
@@ -468,7 +493,7 @@ class EpisodesConfig:
         from amt.episodes import sampler_from_setting  # numpy only; imported where it is used
 
         self.store, self.out = Path(self.store), Path(self.out)
-        _choice(self, "kind", ("test", "valid"))
+        _choice(self, "kind", EPISODE_KINDS)
         _ints(self, 1, "count")
         _ints(self, 0, "seed")
         sampler_from_setting(self.setting)

@@ -5,13 +5,19 @@ One entry point, ``train``; the method is a config choice:
 - ``pm``: the whole backbone and the ProtoNet head are trained (PMF's P>M).
 - ``lora``: only the SVD-initialised adapters and the head's scale.
 - ``amt``: as lora, adversarially: APQ attacks the queries (l_inf PGD maximising the KL between
-  attacked and clean predictions), APSV perturbs the adapters AWP-style, and the loss is
-  CE(clean) + lambda_adv * KL(adv, clean). Either part can be switched off (ablations).
+  clean and attacked predictions), APSV perturbs the adapters AWP-style, and the loss is
+  CE(clean) + lambda_adv * mean KL (direction ``kl_direction``; the release's KL(p_clean ||
+  p_adv)). Either part can be switched off (ablations).
 
 Episodes are taken by index from a map-style dataset, so a run killed after its checkpoint at
 episode k restarts at episode k and, on the CPU, ends with exactly the weights of an
-uninterrupted run. The learning rate is a pure function of the episode index (linear warm-up,
-then cosine), so the schedule's state is the episode counter.
+uninterrupted run. The learning rate is a pure function of the episode index
+(``amt.schedule.episode_lr``), so the schedule's state is the episode counter.
+
+After every epoch (and once before training) the model is validated on stored episodes: clean
+ProtoNet accuracy on each validation domain, averaged over domains (the release's score). With
+``keep: best`` the run writes the weights of its best epoch; the checkpoint holds the validation
+so far and the best epoch's tensors, so a resumed run keeps the same epoch.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +51,7 @@ from amt.checkpoints import (
     MANIFEST,
     MODEL,
     MODEL_FORMAT,
+    VALID_LOG,
     CheckpointError,
     TrainingError,
     cpu_state,
@@ -56,10 +63,11 @@ from amt.checkpoints import (
     sha256,
     write_json_atomic,
 )
-from amt.lora import adapter_parameters, get_state, inject_lora
+from amt.errors import UserError
+from amt.lora import adapter_parameters, get_state, inject_lora, lora_layers
 from amt.protonet import ProtoHead, prototypes
 from amt.registry import TRAINERS, backbone_entry
-from amt.schedule import cosine_lr
+from amt.schedule import episode_lr
 from amt.specs import TrainConfig, add_spec_argument, spec_from_args
 
 log = logging.getLogger(__name__)
@@ -121,15 +129,20 @@ class MetaTuner:
         self.backbone.to(device).train()
         self.head.to(device)
         self.params = self._trainable()
-        self.optimizer = torch.optim.SGD(list(self.params.values()), lr=config.lr,
-                                         momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        self.optimizer = self._optimizer()
 
     def _trainable(self) -> dict[str, nn.Parameter]:
         """pm: everything (as PMF); lora and amt: the adapters and the head's scale."""
         modules = {"backbone": self.backbone, "head": self.head}
         return {f"{m}.{n}": p for m, module in modules.items()
                 for n, p in module.named_parameters() if p.requires_grad}
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg, params = self.config, list(self.params.values())
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
 
     def autocast(self):
         return devices.autocast(self.device, self.config.amp)
@@ -139,31 +152,56 @@ class MetaTuner:
         xs, ys, xq, yq = (t.to(self.device, non_blocking=True) for t in episode)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x_adv = self.adversarial_queries(xs, ys, xq, n_way, index) \
-            if self.config.adversarial_queries else None
-        saved = self.perturb_adapters(xs, ys, xq, yq, x_adv, n_way) \
-            if self.config.perturbed_adapters else None
-        loss, metrics = self.loss(xs, ys, xq, yq, x_adv, n_way)
+        cfg = self.config
+        support = self.unperturbed_support(xs)
+        x_adv = self.adversarial_queries(ys, xq, n_way, index, support) \
+            if cfg.adversarial_queries else None
+        saved = self.perturb_adapters(xs, ys, xq, yq, x_adv, n_way, support) \
+            if cfg.perturbed_adapters else None
+        loss, metrics = self.loss(xs, ys, xq, yq, x_adv, n_way,
+                                  support if cfg.loss_support_unperturbed else None)
         if not math.isfinite(metrics.loss):
             self._restore(saved)
             raise TrainingError(f"episode {index}: non-finite loss {metrics.loss} "
                                 f"(ce {metrics.ce}, kl {metrics.kl})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._restore(saved)  # before the step: SGD's update does not depend on the weights
+        # Before the step, so that the update (its weight decay included) is applied at the
+        # unperturbed weights; the release restores after its plain SGD step: the same numbers.
+        self._restore(saved)
         self.optimizer.step()
         return metrics
 
+    def unperturbed_support(self, xs: Tensor) -> Tensor | None:
+        """The support embeddings at the unperturbed weights w, computed once for every part that
+        takes them from there. With their graph when the final loss does (the release: the
+        gradient flows through them, evaluated at w, while the queries are at w + v; LoRALinear
+        stacks its adapters into new tensors, so APSV's in-place perturbation leaves this graph
+        intact in float32 too), else without (APQ's prototypes, a detached APSV ascent)."""
+        cfg = self.config
+        if cfg.loss_support_unperturbed:
+            with self.autocast():
+                return self.backbone(xs)
+        if cfg.adversarial_queries or (cfg.perturbed_adapters and cfg.apsv_detach_support):
+            with torch.no_grad(), self.autocast():
+                return self.backbone(xs)
+        return None
+
     def loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, x_adv: Tensor | None,
-             n_way: int) -> tuple[Tensor, StepMetrics]:
+             n_way: int, support: Tensor | None = None) -> tuple[Tensor, StepMetrics]:
         """CE on the clean queries (+ lambda_adv * mean KL with attacked queries), one forward
-        pass over support, queries and attacked queries together."""
-        queries = [xq] if x_adv is None else [xq, x_adv]
+        pass over the support (unless its embeddings are given), queries and attacked queries
+        together."""
+        inputs = [xq] if x_adv is None else [xq, x_adv]
+        if support is None:
+            inputs.insert(0, xs)
         with self.autocast():
-            embeddings = self.backbone(torch.cat([xs, *queries]))
-        support, *query_embeddings = embeddings.split([len(xs)] + [len(q) for q in queries])
+            embeddings = self.backbone(torch.cat(inputs))
+        parts = list(embeddings.split([len(x) for x in inputs]))
+        if support is None:
+            support = parts.pop(0)
         protos = prototypes(support.float(), ys, n_way)
-        logits = [self.head(q, protos) for q in query_embeddings]
+        logits = [self.head(q, protos) for q in parts]
         ce = F.cross_entropy(logits[0], yq)
         acc = _accuracy(logits[0], yq)
         if x_adv is None:
@@ -173,11 +211,10 @@ class MetaTuner:
         return loss, StepMetrics(loss.item(), ce.item(), acc, kl.item(),
                                  _accuracy(logits[1], yq))
 
-    def adversarial_queries(self, xs: Tensor, ys: Tensor, xq: Tensor, n_way: int,
-                            index: int) -> Tensor:
-        """APQ against prototypes computed once per episode from the clean support."""
-        with torch.no_grad(), self.autocast():
-            protos = prototypes(self.backbone(xs).float(), ys, n_way)
+    def adversarial_queries(self, ys: Tensor, xq: Tensor, n_way: int, index: int,
+                            support: Tensor) -> Tensor:
+        """APQ against prototypes of the clean support at the unperturbed weights."""
+        protos = prototypes(support.detach().float(), ys, n_way)
 
         def logits(x: Tensor) -> Tensor:
             with self.autocast():
@@ -189,7 +226,7 @@ class MetaTuner:
         with self._frozen():
             budget = cfg.episode_budget(index)
             return kl_query_attack(logits, xq, budget, cfg.alpha(budget), cfg.attack_steps,
-                                   cfg.attack_random_start, cfg.kl_direction, generator)
+                                   cfg.kl_direction, cfg.attack_random_start, generator)
 
     @contextlib.contextmanager
     def _frozen(self) -> Iterator[None]:
@@ -204,33 +241,65 @@ class MetaTuner:
                 p.requires_grad_(True)
 
     def perturb_adapters(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor,
-                         x_adv: Tensor | None, n_way: int) -> list[Tensor]:
-        """APSV: one ascent direction of the training loss for every adapter tensor w, rescaled
-        to ||w|| (AWP's proxy step, whose learning rate cancels in the rescaling), added times
-        awp_gamma. One extra forward-backward. Returns the unperturbed tensors."""
-        tensors = self._adapter_tensors()
-        loss, _ = self.loss(xs, ys, xq, yq, x_adv, n_way)
-        grads = torch.autograd.grad(loss, tensors)
-        saved = [t.detach().clone() for t in tensors]
+                         x_adv: Tensor | None, n_way: int, support: Tensor | None
+                         ) -> list[tuple[Tensor, Tensor]]:
+        """APSV: one ascent direction of the training loss, rescaled per unit (apsv_rescale) to
+        the unit's norm (AWP's proxy step, whose learning rate cancels in the rescaling), added
+        times awp_gamma. The ascent's support embeddings are ``support`` detached
+        (apsv_detach_support, the release), else the loss's own. One extra forward-backward.
+        Returns (tensor, its unperturbed value) pairs."""
+        cfg = self.config
+        if cfg.apsv_detach_support:
+            support = support.detach()
+        elif not cfg.loss_support_unperturbed:
+            support = None  # embedded with the queries, with its graph
+        loss, _ = self.loss(xs, ys, xq, yq, x_adv, n_way, support)
+        units = self._rescaling_units()
+        tensors = [t for unit in units for t in unit]
+        # the final loss reuses an attached support's graph
+        grads = iter(torch.autograd.grad(loss, tensors,
+                                         retain_graph=support is not None and
+                                         support.requires_grad))
+        saved = [(t, t.detach().clone()) for t in tensors]
         with torch.no_grad():
-            for t, g in zip(tensors, grads, strict=True):
-                t.add_(g * (t.norm() / (g.norm() + _AWP_EPS)), alpha=self.config.awp_gamma)
+            for unit in units:
+                directions = [next(grads) for _ in unit]
+                scale = _norm(unit) / (_norm(directions) + _AWP_EPS)
+                for t, d in zip(unit, directions, strict=True):
+                    t.add_(d * scale, alpha=cfg.awp_gamma)
         return saved
 
-    def _adapter_tensors(self) -> list[nn.Parameter]:
-        return [t for pair in adapter_parameters(self.backbone.vit).values() for t in pair]
+    def _rescaling_units(self) -> list[list[nn.Parameter]]:
+        """APSV's units: each adapter tensor ('block'), or a layer's A and its B over all its
+        output blocks ('layer': the release's fused qkv lora_A [3r, in] and lora_B [3 out, r]
+        are one tensor each, rescaled by one norm, adsv.py:85-99)."""
+        if self.config.apsv_rescale == "block":
+            return [[t] for pair in adapter_parameters(self.backbone.vit).values() for t in pair]
+        return [list(part) for layer in lora_layers(self.backbone.vit).values()
+                for part in (layer.lora_A, layer.lora_B)]
 
-    def _restore(self, saved: list[Tensor] | None) -> None:
+    @staticmethod
+    def _restore(saved: list[tuple[Tensor, Tensor]] | None) -> None:
         if saved is None:
             return
         with torch.no_grad():
-            for t, original in zip(self._adapter_tensors(), saved, strict=True):
+            for t, original in saved:
                 t.copy_(original)
+
+    @torch.no_grad()
+    def accuracy(self, episode: Sequence[Tensor]) -> float:
+        """Clean ProtoNet query accuracy of the model as it is, on one episode."""
+        xs, ys, xq, yq = (t.to(self.device, non_blocking=True) for t in episode)
+        with self.autocast():
+            embeddings = self.backbone(torch.cat([xs, xq]))
+        support, query = embeddings.split([len(xs), len(xq)])
+        protos = prototypes(support.float(), ys, int(ys.max()) + 1)
+        return _accuracy(self.head(query, protos), yq)
 
     def trainable_state(self) -> dict[str, Tensor]:
         return {n: p.detach().clone() for n, p in self.params.items()}
 
-    def load_trainable_state(self, state: dict[str, Tensor], source: Path) -> None:
+    def load_trainable_state(self, state: dict[str, Tensor], source: Path | str) -> None:
         if set(state) != set(self.params):
             missing, extra = set(self.params) - set(state), set(state) - set(self.params)
             raise CheckpointError(f"{source}: trainable tensors differ: missing "
@@ -239,14 +308,17 @@ class MetaTuner:
             for name, p in self.params.items():
                 p.copy_(state[name])
 
-    def model_file(self, backbone_sha256: str | None) -> dict:
-        """The finished model: pm the full backbone, lora/amt the adapters only; both the head."""
+    def model_file(self, backbone_sha256: str | None, kept_epoch: int | None = None,
+                   validation: Sequence[dict] = ()) -> dict:
+        """The finished model: pm the full backbone, lora/amt the adapters only; both the head;
+        which epoch's weights these are and every epoch's validation accuracies."""
         cfg = self.config
         content = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION,
                    "method": cfg.method, "backbone": cfg.backbone, "image_size": cfg.image_size,
                    "pos_embed": cfg.pos_embed, "backbone_checkpoint": cfg.backbone_checkpoint,
                    "backbone_sha256": backbone_sha256, "config": asdict(cfg),
-                   "head": cpu_state(self.head.state_dict())}
+                   "kept_epoch": cfg.epochs if kept_epoch is None else kept_epoch,
+                   "validation": list(validation), "head": cpu_state(self.head.state_dict())}
         if cfg.method == "pm":
             content["backbone_state"] = cpu_state(self.backbone.vit.state_dict())
         else:
@@ -257,6 +329,11 @@ class MetaTuner:
 
 def _accuracy(logits: Tensor, labels: Tensor) -> float:
     return (logits.argmax(-1) == labels).float().mean().item()
+
+
+def _norm(tensors: Sequence[Tensor]) -> Tensor:
+    """The Frobenius norm of the tensors taken together."""
+    return torch.stack([t.norm() for t in tensors]).norm()
 
 
 # -- the run: checkpoints, log, manifest ----------------------------------------------------------
@@ -292,11 +369,87 @@ class TrainLog:
         self.file.close()
 
 
+def validate(tuner: MetaTuner, sets: Mapping[str, Dataset], workers: int) -> dict[str, float]:
+    """{'acc': the mean over domains, 'acc_<domain>': each domain's mean over its episodes} of
+    the clean ProtoNet accuracy of the model being trained (the release's validation score,
+    engine.py:120-133, 166-173). In eval mode and from stored episodes with the deterministic
+    test transform; nothing draws from the global RNGs (the loader has a generator of its own,
+    eval mode no drop path), so validating leaves the training run unchanged."""
+    tuner.backbone.eval()
+    try:
+        per_domain = {}
+        for domain, dataset in sets.items():
+            loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+                                pin_memory=tuner.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(0))
+            per_domain[domain] = float(np.mean([tuner.accuracy(e) for e in loader]))
+    finally:
+        tuner.backbone.train()
+    return {"acc": float(np.mean(list(per_domain.values()))),
+            **{f"acc_{domain}": acc for domain, acc in per_domain.items()}}
+
+
+class Validation:
+    """Validation after every epoch (and before the first, as epoch 0) on stored episodes, its
+    log, and with keep='best' the best epoch's trainable tensors. The first epoch with the
+    highest score is the best (the release's strict improvement, main.py:180-186; its score
+    before training only seeds the comparison there, and is recorded, not kept, here)."""
+
+    def __init__(self, sets: Mapping[str, Dataset], config: TrainConfig, path: Path) -> None:
+        if config.keep == "best" and not sets:
+            raise UserError("keep='best' needs validation episodes (--valid-stores and "
+                            "--valid-episodes)")
+        self.sets, self.config, self.path = dict(sets), config, path
+        self.history: list[dict] = []
+        self.best: dict | None = None  # {"epoch", "acc", "trainable"}
+        self.seconds = 0.0
+
+    def __call__(self, tuner: MetaTuner, epoch: int) -> None:
+        if not self.sets:
+            return
+        tick = time.perf_counter()
+        row = {"epoch": epoch, "episode": epoch * self.config.episodes_per_epoch,
+               **validate(tuner, self.sets, self.config.workers)}
+        self.history.append(row)
+        if self.config.keep == "best" and epoch > 0 and \
+                (self.best is None or row["acc"] > self.best["acc"]):
+            self.best = {"epoch": epoch, "acc": row["acc"],
+                         "trainable": cpu_state(tuner.trainable_state())}
+        self.seconds += time.perf_counter() - tick
+        log.info("epoch %d validation accuracy %.4f (%s), %.1fs", epoch, row["acc"],
+                 ", ".join(f"{k[4:]} {v:.4f}" for k, v in row.items() if k.startswith("acc_")),
+                 time.perf_counter() - tick)
+        self.write()
+
+    @property
+    def kept_epoch(self) -> int:
+        """The epoch whose weights the run writes (so far): the best, or the last."""
+        return self.best["epoch"] if self.best is not None else self.config.epochs
+
+    def state(self) -> dict:
+        return {"history": self.history, "best": self.best, "seconds": self.seconds}
+
+    def load(self, state: dict) -> None:
+        self.history, self.best, self.seconds = state["history"], state["best"], state["seconds"]
+
+    def write(self) -> None:
+        """valid_log.csv, rewritten whole: epoch, episode, acc, kept, then acc_<domain>."""
+        columns = ["epoch", "episode", "acc", "kept", *(f"acc_{d}" for d in self.sets)]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            for row in self.history:
+                writer.writerow({**row, "kept": int(row["epoch"] == self.kept_epoch)})
+        tmp.replace(self.path)
+
+
 def _resume(tuner: MetaTuner, config: TrainConfig, path: Path, backbone_sha: str | None
-            ) -> tuple[int, dict | None]:
-    """Load ``path`` if present: returns (episodes done, RNG states to restore)."""
+            ) -> tuple[int, dict | None, dict | None]:
+    """Load ``path`` if present: returns (episodes done, RNG states to restore, validation
+    state)."""
     if not path.exists():
-        return 0, None
+        return 0, None, None
     ckpt = load_tagged(path, CHECKPOINT_FORMAT)
     changed = {k: (ckpt["config"].get(k), v) for k, v in asdict(config).items()
                if k not in RESUMABLE_CHANGES and ckpt["config"].get(k) != v}
@@ -308,19 +461,24 @@ def _resume(tuner: MetaTuner, config: TrainConfig, path: Path, backbone_sha: str
     tuner.load_trainable_state(ckpt["trainable"], path)
     tuner.optimizer.load_state_dict(ckpt["optimizer"])
     log.info("resuming %s from episode %d", path, ckpt["episode"])
-    return ckpt["episode"], ckpt["rng"]
+    return ckpt["episode"], ckpt["rng"], ckpt["validation"]
 
 
-def _save_checkpoint(tuner: MetaTuner, done: int, path: Path, backbone_sha: str | None) -> None:
+def _save_checkpoint(tuner: MetaTuner, done: int, path: Path, backbone_sha: str | None,
+                     validation: Validation) -> None:
     save_atomic({"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION,
                  "episode": done, "config": asdict(tuner.config),
                  "backbone_sha256": backbone_sha, "trainable": tuner.trainable_state(),
-                 "optimizer": tuner.optimizer.state_dict(), "rng": rng_state()}, path)
+                 "optimizer": tuner.optimizer.state_dict(), "rng": rng_state(),
+                 "validation": validation.state()}, path)
 
 
-def train(config: TrainConfig, episodes: Dataset, out_dir: Path) -> Path:
-    """Meta-tune on ``episodes[i]`` = (xs, ys, xq, yq) for i < config.total_episodes; writes
-    model.pt, train_log.csv and manifest.json into ``out_dir`` and returns model.pt's path.
+def train(config: TrainConfig, episodes: Dataset, out_dir: Path,
+          validation_sets: Mapping[str, Dataset] | None = None) -> Path:
+    """Meta-tune on ``episodes[i]`` = (xs, ys, xq, yq) for i < config.total_episodes, validating
+    after every epoch on ``validation_sets`` (domain -> stored episodes); writes model.pt (the
+    kept epoch's weights), train_log.csv, valid_log.csv and manifest.json into ``out_dir`` and
+    returns model.pt's path.
 
     checkpoint.pt is written every ``checkpoint_every`` episodes and resumed from when present;
     it is deleted once model.pt is written.
@@ -332,30 +490,41 @@ def train(config: TrainConfig, episodes: Dataset, out_dir: Path) -> Path:
     if len(episodes) < total:
         raise ValueError(f"the episode dataset has {len(episodes)} episodes; the run needs "
                          f"{config.epochs} epochs x {config.episodes_per_epoch} = {total}")
+    validation = Validation(validation_sets or {}, config, out_dir / VALID_LOG)
     backbone_sha = _backbone_sha(config)
     device = devices.pick_device(config.device)
     devices.reset_peak_memory(device)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     tuner = MetaTuner(config, device)
-    start, rng = _resume(tuner, config, out_dir / CHECKPOINT, backbone_sha)
+    start, rng, validated = _resume(tuner, config, out_dir / CHECKPOINT, backbone_sha)
     loader = DataLoader(episodes, batch_size=None, sampler=range(start, total),
                         num_workers=config.workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(config.seed))
     if rng is not None:
         restore_rng(rng)  # after the loader, whose own generator leaves the global one alone
+    if validated is not None:
+        validation.load(validated)
     log.info("%s on %s, %s: episodes %d..%d of %d, %d trainable tensors", config.method,
              config.backbone, devices.describe(device), start, total - 1, total,
              len(tuner.params))
+    if start == 0:
+        validation(tuner, 0)
     train_log = TrainLog(out_dir / LOG, start)
     try:
-        _run(tuner, loader, range(start, total), train_log, out_dir / CHECKPOINT, backbone_sha)
+        _run(tuner, loader, range(start, total), train_log, out_dir / CHECKPOINT, backbone_sha,
+             validation)
     finally:
         train_log.close()
+    if validation.best is not None:
+        tuner.load_trainable_state(validation.best["trainable"],
+                                   f"the best epoch ({validation.kept_epoch})")
+    validation.write()
     model_path = out_dir / MODEL
-    save_atomic(tuner.model_file(backbone_sha), model_path)
+    save_atomic(tuner.model_file(backbone_sha, validation.kept_epoch, validation.history),
+                model_path)
     _write_manifest(tuner, out_dir, start, time.perf_counter() - started, train_log.seconds,
-                    backbone_sha)
+                    backbone_sha, validation)
     (out_dir / CHECKPOINT).unlink(missing_ok=True)
     return model_path
 
@@ -375,11 +544,11 @@ def _backbone_sha(config: TrainConfig) -> str | None:
 
 
 def _run(tuner: MetaTuner, loader: DataLoader, indices: range, train_log: TrainLog,
-         checkpoint: Path, backbone_sha: str | None) -> None:
+         checkpoint: Path, backbone_sha: str | None, validation: Validation) -> None:
     cfg, total = tuner.config, indices.stop
     tick = time.perf_counter()
     for index, episode in zip(indices, loader, strict=True):
-        lr = cosine_lr(index, total, cfg.warmup_epochs * cfg.episodes_per_epoch, cfg.lr)
+        lr = episode_lr(cfg, index)
         try:
             metrics = tuner.step(episode, index, lr)
         except TrainingError as err:
@@ -392,23 +561,28 @@ def _run(tuner: MetaTuner, loader: DataLoader, indices: range, train_log: TrainL
             log.info("episode %d/%d loss %.4f acc %.3f%s lr %.3g %.2fs/episode", done, total,
                      metrics.loss, metrics.acc, "" if metrics.adv_acc is None else
                      f" adv_acc {metrics.adv_acc:.3f}", lr, seconds)
+        if done % cfg.episodes_per_epoch == 0:
+            validation(tuner, done // cfg.episodes_per_epoch)
         if done % cfg.checkpoint_every == 0 and done < total:
             train_log.flush()
-            _save_checkpoint(tuner, done, checkpoint, backbone_sha)
+            _save_checkpoint(tuner, done, checkpoint, backbone_sha, validation)
         tick = time.perf_counter()
 
 
 def _write_manifest(tuner: MetaTuner, out_dir: Path, start: int, wall: float,
-                    train_seconds: float, backbone_sha: str | None) -> None:
+                    train_seconds: float, backbone_sha: str | None,
+                    validation: Validation) -> None:
     cfg = tuner.config
     write_json_atomic({
         "command": "train", "config": asdict(cfg), "seed": cfg.seed,
         "environment": environment(), "device": devices.describe(tuner.device),
         "episodes": cfg.total_episodes, "resumed_from_episode": start,
         "wall_seconds": round(wall, 2), "episode_seconds_total": round(train_seconds, 2),
+        "validation_seconds_total": round(validation.seconds, 2),
+        "kept_epoch": validation.kept_epoch, "validation": validation.history,
         "peak_memory": devices.peak_memory(tuner.device),
         "trainable_parameters": sum(p.numel() for p in tuner.params.values()),
-        "backbone_sha256": backbone_sha, "outputs": [MODEL, LOG, MANIFEST],
+        "backbone_sha256": backbone_sha, "outputs": [MODEL, LOG, VALID_LOG, MANIFEST],
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
     }, out_dir / MANIFEST)
 
@@ -421,22 +595,31 @@ _FLAGS = {  # option -> (TrainConfig field, type, help); --spec gives the rest
     "--seed": ("seed", int, "run seed (episodes come from the dataset's own seed)"),
     "--epochs": ("epochs", int, None),
     "--episodes-per-epoch": ("episodes_per_epoch", int, None),
-    "--lr": ("lr", float, "base learning rate (SGD, momentum 0.9, cosine)"),
+    "--optimizer": ("optimizer", str, "sgd or adamw"),
+    "--lr": ("lr", float, "base learning rate"),
+    "--momentum": ("momentum", float, "SGD's momentum"),
+    "--weight-decay": ("weight_decay", float, None),
+    "--schedule": ("schedule", str, "cosine_episode, cosine_epoch_timm or "
+                   "cosine_epoch_timm_after"),
     "--warmup-epochs": ("warmup_epochs", int, None),
+    "--keep": ("keep", str, "the epoch written: best (validation accuracy) or last"),
     "--image-size": ("image_size", int, "input size (default: the backbone's)"),
     "--rank": ("rank", int, "LoRA rank"),
     "--attack-steps": ("attack_steps", int, None),
     "--attack-alpha": ("attack_alpha", str, "step size (default budget/4)"),
     "--awp-gamma": ("awp_gamma", float, "APSV's relative perturbation size"),
+    "--apsv-rescale": ("apsv_rescale", str, "layer or block: APSV's norm unit"),
+    "--apsv-loss-support": ("apsv_loss_support", str, "unperturbed or perturbed: the weights "
+                            "the final loss embeds the support with"),
     "--lambda-adv": ("lambda_adv", float, "weight of the KL term"),
-    "--kl-direction": ("kl_direction", str, "adv_clean or clean_adv"),
+    "--kl-direction": ("kl_direction", str, "clean_adv or adv_clean"),
     "--workers": ("workers", int, "DataLoader worker processes"),
     "--device": ("device", str, "auto, cpu, cuda or cuda:N"),
     "--checkpoint-every": ("checkpoint_every", int, "episodes between checkpoints"),
     "--log-every": ("log_every", int, "episodes between progress lines"),
 }
 _SWITCHES = {"--apq": "apq", "--apsv": "apsv", "--attack-random-start": "attack_random_start",
-             "--amp": "amp"}
+             "--apsv-detach-support": "apsv_detach_support", "--amp": "amp"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -445,6 +628,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_spec_argument(p, TrainConfig)
     p.add_argument("--stores", type=Path, nargs="+", required=True, help="HDF5 domain files")
     p.add_argument("--split", default="train")
+    p.add_argument("--valid-stores", type=Path, nargs="*", default=[],
+                   help="HDF5 files of the validation domains, one per --valid-episodes file")
+    p.add_argument("--valid-episodes", type=Path, nargs="*", default=[],
+                   help="stored validation episodes, validated on after every epoch")
     p.add_argument("--out", type=Path, required=True)
     for option, (key, kind, text) in _FLAGS.items():
         p.add_argument(option, dest=key, type=kind, help=text)
@@ -468,5 +655,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     dataset = SampledEpisodeDataset(stores, args.split, sampler_from_setting(config.setting),
                                     train_transform(config.image_size), seed=config.seed,
                                     length=config.total_episodes)
-    train(config, dataset, args.out)
+    validation = validation_sets(args.valid_stores, args.valid_episodes, config)
+    train(config, dataset, args.out, validation)
     return 0
+
+
+def validation_sets(stores: Sequence[Path], files: Sequence[Path], config: TrainConfig
+                    ) -> dict[str, Dataset]:
+    """Domain (as its episode file names it) -> its stored validation episodes, read with the
+    evaluation's deterministic test transform at the run's image size."""
+    from amt.episode_data import EpisodeDataset
+    from amt.episode_files import check_episodes_fit, check_episodes_match, load_episodes
+    from amt.transforms import default_resize, test_transform
+    from data_prep.store import DomainStore
+
+    if len(stores) != len(files):
+        raise UserError(f"--valid-stores gives {len(stores)} files and --valid-episodes "
+                        f"{len(files)}: expected one store per episode file")
+    transform = test_transform(config.image_size, default_resize(config.image_size))
+    sets: dict[str, Dataset] = {}
+    for store_path, file in zip(stores, files, strict=True):
+        store = DomainStore(store_path)
+        episodes, meta = load_episodes(file)
+        check_episodes_match(store, meta)
+        check_episodes_fit(store, episodes, meta, file)
+        if meta["domain"] in sets:
+            raise UserError(f"{file}: a second validation file of domain {meta['domain']!r}")
+        sets[meta["domain"]] = EpisodeDataset(store, episodes, transform, config.seed)
+    return sets

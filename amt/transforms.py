@@ -203,3 +203,8 @@ def test_transform(image_size: int = 128, resize: int = 146, kind: str = TEST_TR
 
 
 test_transform.__test__ = False  # a factory, not a pytest test, when imported into a test module
+
+
+def default_resize(image_size: int) -> int:
+    """The test transform's resize for an input size: the paper's 146 for 128 px, scaled."""
+    return round(image_size * 146 / 128)

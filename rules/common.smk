@@ -4,7 +4,7 @@ from pathlib import Path
 
 from amt.config import check_episode_sizes, check_inputs, exit_on_error
 from amt.plan import PATHS, benchmark, log, path
-from amt.registry import METHODS, POOL_STRATEGIES, TRAINED
+from amt.registry import EPISODE_KINDS, METHODS, POOL_STRATEGIES, TRAINED
 from amt.specs import to_json
 from data_prep.sources import FETCHED
 
@@ -16,7 +16,7 @@ DATA_PRIORITY = 50
 WILDCARDS = {
     "domain": "|".join(PLAN.domains),
     "setting": "|".join(config["settings"]),
-    "kind": "test|valid",
+    "kind": "|".join(EPISODE_KINDS),
     "source": "|".join(sorted(FETCHED)),
     "backbone": "|".join(config["backbones"]),
     "trained": "|".join(TRAINED),

@@ -7,6 +7,7 @@ rule report:
         sanity=PLAN.sanity_files(),
         spectra=PLAN.spectra_files(),
         training=PLAN.training_logs(),
+        validation=PLAN.validation_logs(),
     output:
         tables=report(
             directory(PATHS["tables"]),
@@ -31,6 +32,7 @@ rule report:
         runtime=30,
     shell:
         "python -m amt report --results {input.rows} {params.spectra} --sanity {input.sanity}"
-        " --training-logs {input.training} --results-root {params.root}"
+        " --training-logs {input.training} --validation-logs {input.validation}"
+        " --results-root {params.root}"
         " --tables-dir {output.tables} --figures-dir {output.figures} {params.options}"
         " > {log} 2>&1"

@@ -1,14 +1,18 @@
 """Meta-tune every (backbone, setting): the baselines, and one job per pool member
-(independent, so a cluster runs them side by side), then assemble each pool."""
+(independent, so a cluster runs them side by side), each validated after every epoch on the
+stored episodes of train.validation, then assemble each pool."""
 
 
 rule train_baseline:
     input:
         backbone=lambda wc: PLAN.backbone_checkpoint(wc.backbone),
         stores=PLAN.train_stores(),
+        valid_stores=PLAN.validation_stores(),
+        valid_episodes=lambda wc: PLAN.validation_episodes(wc.setting),
     output:
         model=PATHS["model"],
         log_csv=PATHS["model_log"],
+        valid_log=PATHS["model_valid_log"],
         manifest=PATHS["model_manifest"],
     wildcard_constraints:
         trained=BASELINES,
@@ -28,16 +32,21 @@ rule train_baseline:
         cpus_per_gpu=cpus_per_gpu,
     shell:
         "OMP_NUM_THREADS={threads} python -m amt train --spec {params.spec:q}"
-        " --stores {input.stores} --workers {params.workers} --out {params.out_dir} > {log} 2>&1"
+        " --stores {input.stores} --valid-stores {input.valid_stores}"
+        " --valid-episodes {input.valid_episodes} --workers {params.workers}"
+        " --out {params.out_dir} > {log} 2>&1"
 
 
 rule train_amt_member:
     input:
         backbone=lambda wc: PLAN.backbone_checkpoint(wc.backbone),
         stores=PLAN.train_stores(),
+        valid_stores=PLAN.validation_stores(),
+        valid_episodes=lambda wc: PLAN.validation_episodes(wc.setting),
     output:
         model=PATHS["member"],
         log_csv=PATHS["member_log"],
+        valid_log=PATHS["member_valid_log"],
         manifest=PATHS["member_manifest"],
     wildcard_constraints:
         trained=POOLED,
@@ -58,7 +67,9 @@ rule train_amt_member:
         cpus_per_gpu=cpus_per_gpu,
     shell:
         "OMP_NUM_THREADS={threads} python -m amt train --spec {params.spec:q}"
-        " --stores {input.stores} --workers {params.workers} --out {params.out_dir} > {log} 2>&1"
+        " --stores {input.stores} --valid-stores {input.valid_stores}"
+        " --valid-episodes {input.valid_episodes} --workers {params.workers}"
+        " --out {params.out_dir} > {log} 2>&1"
 
 
 rule assemble_pool:

@@ -205,13 +205,15 @@ class Killed(Exception):
 
 
 class Episodes(Dataset):
-    """Synthetic episodes: class k's images are noise around a colour of its own."""
+    """Synthetic episodes: class k's images are noise around a colour of its own (its weight
+    ``colour``: faint colours make classes overlap)."""
 
     def __init__(self, length: int, ways: int = 3, shots: int = 2, queries: int = 2,
-                 size: int = 32, kill_at: int | None = None, nan_at: int | None = None) -> None:
+                 size: int = 32, kill_at: int | None = None, nan_at: int | None = None,
+                 colour: float = 0.7) -> None:
         self.length, self.ways, self.shots, self.queries, self.size = (length, ways, shots,
                                                                        queries, size)
-        self.kill_at, self.nan_at = kill_at, nan_at
+        self.kill_at, self.nan_at, self.colour = kill_at, nan_at, colour
 
     def __len__(self) -> int:
         return self.length
@@ -220,7 +222,7 @@ class Episodes(Dataset):
         labels = torch.arange(self.ways).repeat_interleave(per_class)
         colours = torch.linspace(0.2, 0.8, self.ways)[labels].view(-1, 1, 1, 1)
         noise = torch.rand(len(labels), 3, self.size, self.size, generator=g)
-        return (0.7 * colours + 0.3 * noise).clamp(0, 1), labels
+        return (self.colour * colours + (1 - self.colour) * noise).clamp(0, 1), labels
 
     def __getitem__(self, i: int):
         if i == self.kill_at:

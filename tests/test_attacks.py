@@ -125,7 +125,45 @@ def test_kl_directions():
     assert torch.isclose(kl_divergence(p, q, "adv_clean")[0], forward)
     assert torch.isclose(kl_divergence(p, q, "clean_adv")[0],
                          F.kl_div(log_p, log_q.exp(), reduction="sum"))  # the release's call
-    assert kl_divergence(p, p).item() == 0
+    assert kl_divergence(p, p, "clean_adv").item() == 0
+    with pytest.raises(ValueError, match="KL direction 'both'"):
+        kl_divergence(p, q, "both")
+
+
+def test_mean_kl_over_queries_is_the_releases_batchmean():
+    adv, clean = torch.randn(7, 5, generator=torch.Generator().manual_seed(0)), torch.randn(7, 5)
+    release = F.kl_div(F.log_softmax(adv, -1), F.softmax(clean, -1), reduction="batchmean")
+    summed = torch.nn.KLDivLoss(reduction="sum")(F.log_softmax(adv, -1), F.softmax(clean, -1))
+    assert torch.isclose(kl_divergence(adv, clean, "clean_adv").mean(), release)
+    assert torch.isclose(kl_divergence(adv, clean, "clean_adv").mean(), summed / len(adv))
+
+
+@pytest.mark.parametrize("direction", ["clean_adv", "adv_clean"])
+def test_kl_query_attack_maximises_the_kl_of_its_direction(direction):
+    torch.manual_seed(0)
+    backbone, head = build_backbone("tiny_vit", None, 32), ProtoHead()
+    xs, ys, xq = torch.rand(4, 3, 32, 32), torch.tensor([0, 0, 1, 1]), torch.rand(6, 3, 32, 32)
+    with torch.no_grad():
+        protos = prototypes(backbone(xs), ys, 2)
+        clean = head(backbone(xq), protos)
+
+    def logits(x):
+        return head(backbone(x), protos)
+
+    def release_kl(x):  # the release's F.kl_div(log_softmax(adv), softmax(clean)) per query
+        log_adv = F.log_softmax(logits(x), -1)
+        return F.kl_div(log_adv, F.softmax(clean, -1), reduction="none").sum(-1)
+
+    def reverse_kl(x):
+        log_adv, log_clean = F.log_softmax(logits(x), -1), F.log_softmax(clean, -1)
+        return (log_adv.exp() * (log_adv - log_clean)).sum(-1)
+
+    expected = {"clean_adv": release_kl, "adv_clean": reverse_kl}
+    seeded = {"generator": torch.Generator().manual_seed(1)}
+    adv = kl_query_attack(logits, xq, EPS, EPS / 4, 3, direction, **seeded)
+    for name, loss in expected.items():
+        direct = pgd(loss, xq, EPS, EPS / 4, 3, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(adv, direct) == (name == direction)
 
 
 def test_kl_query_attack_raises_kl_within_budget():
@@ -140,12 +178,13 @@ def test_kl_query_attack_raises_kl_within_budget():
         calls.append(len(x))
         return head(backbone(x), protos)
 
-    adv = kl_query_attack(logits, xq, EPS, EPS / 4, 3, generator=torch.Generator().manual_seed(0))
+    adv = kl_query_attack(logits, xq, EPS, EPS / 4, 3, "clean_adv",
+                          generator=torch.Generator().manual_seed(0))
     assert (adv - xq).abs().max() <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     with torch.no_grad():
-        assert kl_divergence(logits(adv), logits(xq)).mean() > 1e-4
+        assert kl_divergence(logits(adv), logits(xq), "clean_adv").mean() > 1e-4
         noisy = (xq + EPS * torch.randn_like(xq).sign()).clamp(0, 1)
-        assert kl_divergence(logits(adv), logits(xq)).mean() > \
-            kl_divergence(logits(noisy), logits(xq)).mean()
+        assert kl_divergence(logits(adv), logits(xq), "clean_adv").mean() > \
+            kl_divergence(logits(noisy), logits(xq), "clean_adv").mean()
     assert calls[:4] == [6] * 4  # clean logits once, then one pass per step; support never
     assert all(p.grad is None for p in [*backbone.parameters(), *head.parameters()])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from amt.plan import PATHS, Plan, mean_budget, path
+from amt.plan import MEMBER_KEYS, PATHS, RUN_KEYS, Plan, mean_budget, path
 from amt.registry import METHODS
 from amt.specs import EvalConfig, SelectConfig, StatsOptions, TrainConfig, from_json, to_json
 
@@ -223,3 +223,71 @@ def test_the_paper_configs_header_states_its_job_count():
     header = (ROOT / "configs" / "paper.yaml").read_text().split("\n\n")[0]
     stated = int(re.search(r"The DAG has ([\d,]+) jobs", header)[1].replace(",", ""))
     assert sum(Plan(PAPER).job_counts().values()) == stated
+
+
+def test_overrides_replace_the_run_keys_of_their_trained_method_only():
+    config = copy.deepcopy(DEFAULT)
+    config["train"]["overrides"] = {"pm": {"lr": 2.5e-5, "epochs": 5,
+                                           "schedule": "cosine_epoch_timm_after"}}
+    plan = Plan(config)
+    pm, lora = (plan.baseline_spec("small_vit", "5w1s", t) for t in ("pm", "lora"))
+    member = plan.member_spec("small_vit", "5w1s", "amt", "separate", 0)
+    assert (pm.lr, pm.epochs, pm.schedule) == (2.5e-5, 5, "cosine_epoch_timm_after")
+    for spec in (lora, member):
+        assert (spec.lr, spec.epochs, spec.schedule) == \
+            (DEFAULT["train"]["lr"], DEFAULT["train"]["epochs"], DEFAULT["train"]["schedule"])
+    assert pm.keep == lora.keep == DEFAULT["train"]["keep"]  # what no override replaces
+
+
+def test_the_schemas_run_keys_are_the_plans_and_overrides_take_the_same():
+    from amt.config import load_schema
+
+    train = load_schema()["properties"]["train"]["properties"]
+    overrides = train["overrides"]["additionalProperties"]["properties"]
+    assert set(RUN_KEYS) == set(overrides) and set(RUN_KEYS) <= set(train)
+    assert set(MEMBER_KEYS) <= set(train["amt"]["properties"])
+
+
+def test_training_episodes_and_validation_come_from_the_mapped_setting():
+    config = copy.deepcopy(DEFAULT)
+    config["settings"]["md_5w1s"] = {"variable": True, "max_ways": 5, "max_support_per_class": 1}
+    config["train"]["episodes"] = {"5w1s": "md_5w1s"}
+    config["train"]["validation"] = {"domains": ["glyphs", "mnist"], "count": 7, "seed": 3}
+    plan = Plan(config)
+    for spec in (plan.baseline_spec("small_vit", "5w1s", "lora"),
+                 plan.member_spec("small_vit", "5w1s", "amt", "separate", 0)):
+        assert spec.setting == config["settings"]["md_5w1s"]
+    assert plan.baseline_spec("small_vit", "5w5s", "pm").setting == DEFAULT["settings"]["5w5s"]
+    assert plan.validation_stores() == [path("store", domain=d) for d in ("glyphs", "mnist")]
+    assert plan.validation_episodes("5w1s") == [
+        f"results/episodes/{d}/train_valid_md_5w1s.json" for d in ("glyphs", "mnist")]
+    assert plan.validation_episodes("5w5s")[0] == "results/episodes/glyphs/train_valid_5w5s.json"
+    draws = [spec for rule, spec in plan.specs() if rule == "draw_episodes"
+             and spec.kind == "train_valid"]
+    assert sorted((s.domain, s.setting_name, s.count, s.seed) for s in draws) == [
+        (d, s, 7, 3) for d in ("glyphs", "mnist") for s in ("5w5s", "md_5w1s")]
+    assert draws[0].setting == config["settings"][draws[0].setting_name]
+    assert plan.validation_logs()[0] == \
+        "results/models/small_vit/5w1s/pm/valid_log.csv"
+
+
+def test_validation_defaults_to_the_training_sources_and_is_off_without_its_key():
+    config = copy.deepcopy(DEFAULT)
+    assert Plan(config).validation_domains == DEFAULT["train"]["sources"]
+    del config["train"]["validation"]
+    assert Plan(config).validation_episodes("5w1s") == []
+
+
+def test_the_paper_config_takes_the_releases_training_choices():
+    plan = Plan(PAPER)
+    member = plan.member_spec("dino_vits16", "5w1s", "amt", "separate", 0)
+    assert (member.kl_direction, member.apsv_rescale, member.apsv_detach_support,
+            member.apsv_loss_support) == ("clean_adv", "layer", True, "unperturbed")
+    assert (member.optimizer, member.momentum, member.lr, member.epochs, member.schedule,
+            member.keep) == ("sgd", 0.9, 5e-4, 30, "cosine_epoch_timm", "best")
+    assert member.setting == {"variable": True, "max_ways": 5, "max_support_per_class": 1}
+    pm = plan.baseline_spec("dino_vits16", "5w5s", "pm")
+    assert (pm.lr, pm.epochs, pm.schedule, pm.keep) == (2.5e-5, 100, "cosine_epoch_timm_after",
+                                                         "best")
+    assert len(plan.validation_episodes("5w1s")) == 8
+    assert DEFAULT["train"]["amt"]["kl_direction"] == "clean_adv"

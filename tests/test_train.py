@@ -10,17 +10,21 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from builders import Episodes, Killed, train_config
 from torch.utils.data import Dataset
 
+import amt.train
 from amt import devices
 from amt import pretrain as pretrain_command
+from amt.attacks import kl_divergence
 from amt.backbones import build_backbone
 from amt.checkpoints import (
     CHECKPOINT,
     LOG,
     MANIFEST,
     MODEL,
+    VALID_LOG,
     CheckpointError,
     TrainingError,
     load_tagged,
@@ -29,10 +33,11 @@ from amt.errors import UserError
 from amt.lora import adapter_parameters
 from amt.models import load_trained
 from amt.pretrain import StoreImages, pretrain
+from amt.protonet import prototypes
 from amt.registry import BACKBONES
-from amt.schedule import cosine_lr
+from amt.schedule import cosine_lr, episode_lr, timm_cosine_lr
 from amt.specs import PretrainConfig, TrainConfig, spec_from_args
-from amt.train import MetaTuner, register, train
+from amt.train import MetaTuner, register, train, validate
 
 CPU = torch.device("cpu")
 
@@ -74,13 +79,21 @@ def _forward_counter(tuner: MetaTuner) -> list[int]:
     return calls
 
 
-def test_apsv_restores_adapters_exactly_and_costs_one_forward_backward():
+@pytest.mark.parametrize(("loss_support", "detach", "passes"), [
+    ("unperturbed", True, [6, 6, 6]),  # the release: support once at w, then query passes
+    ("unperturbed", False, [6, 6, 6]),
+    ("perturbed", True, [6, 6, 12]),  # support at w, ascent on queries, loss at w + v
+    ("perturbed", False, [12, 12]),  # the ascent pass and the training pass, nothing else
+])
+def test_apsv_restores_adapters_exactly_and_costs_one_forward_backward(loss_support, detach,
+                                                                        passes):
     torch.manual_seed(0)
-    tuner = MetaTuner(train_config(None, apq=False), CPU)
+    tuner = MetaTuner(train_config(None, apq=False, apsv_loss_support=loss_support,
+                              apsv_detach_support=detach), CPU)
     before = {n: p.detach().clone() for n, p in tuner.params.items()}
     calls = _forward_counter(tuner)
     _step(tuner, lr=0.0)
-    assert calls == [12, 12]  # the ascent pass and the training pass, nothing else
+    assert calls == passes
     assert all(torch.equal(p, before[n]) for n, p in tuner.params.items())
     perturbed_grads = {n: p.grad.clone() for n, p in tuner.params.items()}
     plain = MetaTuner(train_config(None, apq=False, apsv=False), CPU)
@@ -92,24 +105,127 @@ def test_apsv_restores_adapters_exactly_and_costs_one_forward_backward():
     assert any(not torch.allclose(p.grad, perturbed_grads[n]) for n, p in plain.params.items())
 
 
-def test_apsv_perturbation_is_gamma_times_each_tensors_norm():
-    torch.manual_seed(0)
-    tuner = MetaTuner(train_config(None, apq=False, awp_gamma=0.01), CPU)
+def _relative_change(now: list[torch.Tensor], before: list[torch.Tensor]) -> float:
+    change = torch.stack([(a - b).norm() for a, b in zip(now, before, strict=True)]).norm()
+    return (change / torch.stack([b.norm() for b in before]).norm()).item()
+
+
+def test_apsv_perturbation_is_gamma_times_each_units_norm():
     xs, ys, xq, yq = Episodes(1)[0]
-    saved = tuner.perturb_adapters(xs, ys, xq, yq, None, 3)
-    tensors = [t for pair in adapter_parameters(tuner.backbone.vit).values() for t in pair]
-    for t, original in zip(tensors, saved, strict=True):
-        ratio = (t - original).norm() / original.norm()
-        assert abs(ratio.item() - 0.01) < 1e-4
+    ratios = {}
+    for rescale in ("block", "layer"):
+        torch.manual_seed(0)
+        tuner = MetaTuner(train_config(None, apq=False, awp_gamma=0.01, apsv_rescale=rescale), CPU)
+        saved = dict(tuner.perturb_adapters(xs, ys, xq, yq, None, 3,
+                                            tuner.unperturbed_support(xs)))
+        layer = tuner.backbone.vit.blocks[0].attn.qkv
+        for name in ("lora_A", "lora_B"):
+            blocks = list(getattr(layer, name))  # q, k, v
+            ratios[rescale, name] = [_relative_change([t], [saved[t]]) for t in blocks]
+            fused = _relative_change(blocks, [saved[t] for t in blocks])  # the release's tensor
+            assert fused == pytest.approx(0.01, rel=1e-3) or rescale == "block"
+        fc1 = tuner.backbone.vit.blocks[0].mlp.fc1.lora_A[0]  # one block: both units agree
+        assert _relative_change([fc1], [saved[fc1]]) == pytest.approx(0.01, rel=1e-3)
+    assert all(r == pytest.approx(0.01, rel=1e-3) for name in ("lora_A", "lora_B")
+               for r in ratios["block", name])
+    # one norm over q, k and v: the blocks move by different fractions of their own norms
+    assert max(ratios["layer", "lora_A"]) > 1.2 * min(ratios["layer", "lora_A"])
 
 
-def test_amt_step_attacks_the_queries():
+def _direct_gradient(tuner: MetaTuner, episode, x_adv: torch.Tensor) -> dict:
+    """The step's gradient written out directly with functional calls, from the release's
+    semantics: ascent direction at w (support detached or not), rescaled per unit, final loss
+    with the queries at w + v and the support at w (unperturbed) or w + v."""
+    from torch.func import functional_call
+
+    cfg, (xs, ys, xq, yq) = tuner.config, episode
+    w = {n: p.detach().clone().requires_grad_(True)
+         for n, p in tuner.backbone.named_parameters() if p.requires_grad}
+    scale = tuner.head.scale.detach().clone().requires_grad_(True)
+
+    def embed(x, weights):
+        return functional_call(tuner.backbone, weights, (x,))
+
+    def loss(support, weights):
+        queries, attacked = embed(torch.cat([xq, x_adv]), weights).split(len(xq))
+        protos = prototypes(support, ys, int(ys.max()) + 1)
+        head = {"scale": scale, "bias": tuner.head.bias}
+        clean, adv = (functional_call(tuner.head, head, (q, protos)) for q in (queries, attacked))
+        kl = F.kl_div(F.log_softmax(adv, -1), F.softmax(clean, -1), reduction="batchmean")
+        return F.cross_entropy(clean, yq) + cfg.lambda_adv * kl
+
+    at_w = embed(xs, w)
+    ascent = loss(at_w.detach() if cfg.apsv_detach_support else at_w, w)
+    direction = dict(zip(w, torch.autograd.grad(ascent, list(w.values()), retain_graph=True),
+                         strict=True))
+    units: dict[str, list[str]] = {}
+    for n in w:  # 'vit.blocks.0.attn.qkv.lora_A.1' is block 1 of the layer's lora_A
+        units.setdefault(n.rsplit(".", 1)[0] if cfg.apsv_rescale == "layer" else n, []).append(n)
+    perturbed = {}
+    for unit in units.values():
+        ratio = torch.stack([w[n].detach().norm() for n in unit]).norm() / \
+            torch.stack([direction[n].norm() for n in unit]).norm()
+        perturbed |= {n: w[n] + (cfg.awp_gamma * ratio * direction[n]).detach() for n in unit}
+    support = at_w if cfg.apsv_loss_support == "unperturbed" else embed(xs, perturbed)
+    grads = torch.autograd.grad(loss(support, perturbed), [*w.values(), scale])
+    return {**{f"backbone.{n}": g for n, g in zip(w, grads, strict=False)},
+            "head.scale": grads[-1]}
+
+
+@pytest.mark.parametrize("rescale", ["layer", "block"])
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("loss_support", ["unperturbed", "perturbed"])
+def test_apsv_gradient_equals_a_direct_computation(rescale, detach, loss_support, monkeypatch):
     torch.manual_seed(0)
-    tuner = MetaTuner(train_config(None, attack_steps=3), CPU)
+    tuner = MetaTuner(train_config(None, awp_gamma=0.2, apsv_rescale=rescale,
+                              apsv_detach_support=detach, apsv_loss_support=loss_support), CPU)
+    episode = Episodes(1)[0]
+    x_adv = (episode[2] + 0.05 * torch.rand(episode[2].shape)).clamp(0, 1)
+    monkeypatch.setattr(tuner, "adversarial_queries", lambda *args: x_adv)
+    expected = _direct_gradient(tuner, episode, x_adv)
+    tuner.step(episode, 0, 0.0)  # float32 throughout: the release's recipe needs fp16 to run
+    assert set(expected) == set(tuner.params)
+    # float32 rounding in another order: ~1e-5 of each tensor's largest entry; the eight
+    # variants' gradients differ from each other by more than that largest entry
+    for name, p in tuner.params.items():
+        assert (p.grad - expected[name]).abs().max() <= 1e-3 * expected[name].abs().max(), name
+
+
+@pytest.mark.parametrize("direction", ["clean_adv", "adv_clean"])
+def test_apq_the_loss_and_the_apsv_ascent_use_the_configured_kl(direction, monkeypatch):
+    import amt.attacks
+    import amt.train
+
+    used = []
+
+    def spy(adv, clean, which):
+        used.append(which)
+        return kl_divergence(adv, clean, which)
+
+    monkeypatch.setattr(amt.attacks, "kl_divergence", spy)  # APQ's objective
+    monkeypatch.setattr(amt.train, "kl_divergence", spy)  # the ascent's and the final loss
+    torch.manual_seed(0)
+    tuner = MetaTuner(train_config(None, attack_steps=3, kl_direction=direction), CPU)
+    _step(tuner)
+    assert used == [direction] * (3 + 2)  # 3 attack steps, the ascent, the final loss
+
+
+def test_kl_direction_defaults_to_the_releases():
+    assert TrainConfig().kl_direction == "clean_adv"
+
+
+@pytest.mark.parametrize(("loss_support", "passes"), [
+    # support at w once; clean logits once, 3 attack steps; ascent and training passes
+    ("unperturbed", [6, 6, 6, 6, 6, 12, 12]),
+    ("perturbed", [6, 6, 6, 6, 6, 18, 18]),
+])
+def test_amt_step_attacks_the_queries(loss_support, passes):
+    torch.manual_seed(0)
+    tuner = MetaTuner(train_config(None, attack_steps=3, apsv_loss_support=loss_support,
+                              apsv_detach_support=loss_support == "unperturbed"), CPU)
     calls = _forward_counter(tuner)
     metrics = _step(tuner, lr=0.05)
-    # support prototypes once, clean logits once, 3 attack steps, ascent and training passes
-    assert calls == [6, 6, 6, 6, 6, 18, 18]
+    assert calls == passes
     assert metrics.kl > 0 and metrics.adv_acc is not None
     assert metrics.loss == pytest.approx(metrics.ce + 6.0 * metrics.kl, rel=1e-5)
 
@@ -127,7 +243,9 @@ def test_random_pool_budget_is_drawn_per_episode_and_bounds_the_attack():
     tuner = MetaTuner(config, CPU)
     for index in (drawn.index(choices[0]), drawn.index(choices[2])):
         xs, ys, xq, _ = Episodes(index + 1)[index]
-        size = (tuner.adversarial_queries(xs, ys, xq, int(ys.max()) + 1, index) - xq).abs().max()
+        attacked = tuner.adversarial_queries(ys, xq, int(ys.max()) + 1, index,
+                                             tuner.unperturbed_support(xs))
+        size = (attacked - xq).abs().max()
         assert choices[0] / 2 < size <= config.episode_budget(index) + 1e-6
         assert size > config.episode_budget(index) / 2  # the episode's own budget, not another
 
@@ -137,33 +255,158 @@ def _read_log(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_resume_equals_uninterrupted(tmp_path, tiny_file, monkeypatch):
+class ScriptedValidation:
+    """Stands for ``validate``: the scripted scores in call order; remembers the trainable
+    tensors of each call."""
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores, self.snapshots = scores, []
+
+    def __call__(self, tuner: MetaTuner, sets, workers: int) -> dict[str, float]:
+        self.snapshots.append(tuner.trainable_state())
+        score = self.scores[len(self.snapshots) - 1]
+        return {"acc": score, "acc_synthetic": score}
+
+
+VALID_SETS = {"synthetic": Episodes(2)}
+
+
+@pytest.mark.parametrize(("optimizer", "schedule"), [("sgd", "cosine_episode"),
+                                                     ("adamw", "cosine_epoch_timm")])
+def test_resume_equals_uninterrupted(tmp_path, tiny_file, monkeypatch, optimizer, schedule):
     # drop path draws from the global torch RNG, so its state must be restored too
     spec = BACKBONES["tiny_vit"]
     monkeypatch.setitem(BACKBONES, "tiny_vit", dataclasses.replace(
         spec, kwargs={**spec.kwargs, "drop_path_rate": 0.3}))
-    config = train_config(tiny_file, episodes_per_epoch=2)
-    whole = train(config, Episodes(4), tmp_path / "whole")
+    config = train_config(tiny_file, episodes_per_epoch=2, optimizer=optimizer, schedule=schedule,
+                     keep="best")
+    # epoch 1 is the best: a resumed run has its tensors from the checkpoint only
+    monkeypatch.setattr(amt.train, "validate", ScriptedValidation([0.2, 0.9, 0.5]))
+    whole = train(config, Episodes(4), tmp_path / "whole", VALID_SETS)
+    interrupted = ScriptedValidation([0.2, 0.9, 0.5])
+    monkeypatch.setattr(amt.train, "validate", interrupted)
     with pytest.raises(Killed):  # after episode 2, one past the checkpoint at 2 episodes
-        train(config, Episodes(4, kill_at=3), tmp_path / "killed")
-    assert load_tagged(tmp_path / "killed" / CHECKPOINT, "amt-checkpoint")["episode"] == 2
+        train(config, Episodes(4, kill_at=3), tmp_path / "killed", VALID_SETS)
+    ckpt = load_tagged(tmp_path / "killed" / CHECKPOINT, "amt-checkpoint")
+    assert ckpt["episode"] == 2 and ckpt["validation"]["best"]["epoch"] == 1
     with pytest.raises(CheckpointError, match="another configuration.*'lr': \\(0.05, 0.1\\)"):
-        train(dataclasses.replace(config, lr=0.1), Episodes(4), tmp_path / "killed")
-    resumed = train(config, Episodes(4), tmp_path / "killed")
+        train(dataclasses.replace(config, lr=0.1), Episodes(4), tmp_path / "killed", VALID_SETS)
+    resumed = train(config, Episodes(4), tmp_path / "killed", VALID_SETS)
+    assert len(interrupted.snapshots) == 3  # before training and epoch 1, then epoch 2
 
     a, b = load_tagged(whole, "amt-model"), load_tagged(resumed, "amt-model")
+    assert a["kept_epoch"] == b["kept_epoch"] == 1 and a["validation"] == b["validation"]
     assert list(a["lora"]) == list(b["lora"])
     assert all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
     assert torch.equal(a["head"]["scale"], b["head"]["scale"])
+    assert torch.equal(b["head"]["scale"], interrupted.snapshots[1]["head.scale"])
     assert not torch.equal(a["head"]["scale"], torch.tensor(10.0))  # it did train
     rows_a, rows_b = _read_log(tmp_path / "whole" / LOG), _read_log(tmp_path / "killed" / LOG)
     assert [r["episode"] for r in rows_b] == [str(i) for i in range(4)]
     assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    assert [r["lr"] for r in rows_a] == [r["lr"] for r in rows_b]
+    assert (tmp_path / "whole" / VALID_LOG).read_text() == \
+        (tmp_path / "killed" / VALID_LOG).read_text()
     assert not (tmp_path / "killed" / CHECKPOINT).exists()
     manifest = json.loads((tmp_path / "killed" / MANIFEST).read_text())
     assert manifest["resumed_from_episode"] == 2 and manifest["backbone_sha256"]
+    assert manifest["kept_epoch"] == 1
     assert {"torch", "timm", "python"} <= set(manifest["environment"])
     assert manifest["peak_memory"]["peak_rss_mib"] > 0
+
+
+@pytest.mark.parametrize(("keep", "kept"), [("best", 2), ("last", 4)])
+def test_the_kept_epochs_weights_are_written_and_recorded(tmp_path, tiny_file, monkeypatch,
+                                                           keep, kept):
+    # before training scores highest (never kept); epochs 2 and 3 tie: the first is best
+    scores = [0.95, 0.5, 0.9, 0.9, 0.6]
+    scripted = ScriptedValidation(scores)
+    monkeypatch.setattr(amt.train, "validate", scripted)
+    config = train_config(tiny_file, method="lora", epochs=4, episodes_per_epoch=1, keep=keep)
+    path = train(config, Episodes(4), tmp_path / "run", VALID_SETS)
+    stored = load_tagged(path, "amt-model")
+    assert stored["kept_epoch"] == kept
+    assert [(r["epoch"], r["episode"], r["acc"]) for r in stored["validation"]] == \
+        [(e, e, s) for e, s in enumerate(scores)]
+    backbone, head = load_trained(path)
+    expected = scripted.snapshots[kept]
+    live = dict(backbone.named_parameters())
+    assert all(torch.equal(live[n.removeprefix("backbone.")], t)
+               for n, t in expected.items() if n.startswith("backbone."))
+    assert torch.equal(head.scale.detach(), expected["head.scale"])
+    assert not torch.equal(scripted.snapshots[2]["head.scale"], scripted.snapshots[4]["head.scale"])
+    rows = _read_log(tmp_path / "run" / VALID_LOG)
+    assert [r["kept"] for r in rows] == ["1" if e == kept else "0" for e in range(5)]
+    assert rows[3]["acc_synthetic"] == "0.9"
+    manifest = json.loads((tmp_path / "run" / MANIFEST).read_text())
+    assert manifest["kept_epoch"] == kept and len(manifest["validation"]) == 5
+
+
+def test_keep_best_needs_validation_episodes(tmp_path, tiny_file):
+    with pytest.raises(UserError, match="keep='best' needs validation episodes"):
+        train(train_config(tiny_file, keep="best"), Episodes(6), tmp_path / "run")
+    path = train(train_config(tiny_file, method="lora", epochs=1), Episodes(3), tmp_path / "last")
+    assert load_tagged(path, "amt-model")["kept_epoch"] == 1  # no validation: the last
+    assert _read_log(tmp_path / "last" / VALID_LOG) == []
+
+
+def test_validation_is_clean_protonet_accuracy_and_draws_no_random_numbers(monkeypatch):
+    spec = BACKBONES["tiny_vit"]  # drop path would draw random numbers in train mode
+    monkeypatch.setitem(BACKBONES, "tiny_vit", dataclasses.replace(
+        spec, kwargs={**spec.kwargs, "drop_path_rate": 0.3}))
+    torch.manual_seed(0)
+    tuner = MetaTuner(train_config(None, method="lora"), CPU)
+    # faint colours: the classes overlap, so the accuracies are neither 0 nor 1
+    sets = {"three": Episodes(3, ways=3, queries=4, colour=0.05),
+            "two": Episodes(2, ways=2, queries=4, colour=0.05)}
+    state = torch.get_rng_state()
+    scores = validate(tuner, sets, workers=0)
+    assert torch.equal(torch.get_rng_state(), state) and tuner.backbone.training
+    tuner.backbone.eval()
+    expected = {}
+    with torch.no_grad():
+        for domain, episodes in sets.items():
+            accuracies = []
+            for xs, ys, xq, yq in map(episodes.__getitem__, range(len(episodes))):
+                # the nearest prototype by cosine
+                support, query = tuner.backbone(xs), tuner.backbone(xq)
+                protos = torch.stack([support[ys == k].mean(0) for k in range(int(ys.max()) + 1)])
+                cosine = F.normalize(query, dim=-1) @ F.normalize(protos, dim=-1).T
+                accuracies.append((cosine.argmax(-1) == yq).float().mean().item())
+            expected[f"acc_{domain}"] = np.mean(accuracies)
+    assert scores == pytest.approx({"acc": np.mean(list(expected.values())), **expected})
+    assert min(expected.values()) > 0 and max(expected.values()) < 1  # a telling case
+    assert validate(tuner, sets, workers=0) == scores
+
+
+def test_train_command_validates_on_stored_episodes(tmp_path, tiny_file):
+    from builders import split_domain
+
+    from amt.episode_files import episode_meta, save_episodes
+    from amt.episodes import FixedSampler, draw_episodes
+    from data_prep.store import DomainStore
+
+    store_path = split_domain(tmp_path / "d.h5", {"train": 4, "valid": 3, "test": 1}, 6)
+    store, sampler = DomainStore(store_path), FixedSampler(3, 1, 2)
+    episodes = draw_episodes(store, "valid", sampler, 2, seed=2)
+    save_episodes(tmp_path / "valid.json", episodes,
+                  episode_meta(store, domain="synth", split="valid", sampler=sampler, seed=2,
+                               count=2))
+    common = ("--stores", str(store_path), "--method", "lora", "--backbone", "tiny_vit",
+              "--backbone-checkpoint", str(tiny_file), "--rank", "2", "--epochs", "2",
+              "--episodes-per-epoch", "2", "--device", "cpu", "--setting",
+              json.dumps(sampler.setting()))
+    args = _parse("train", *common, "--keep", "best", "--valid-stores", str(store_path),
+                  "--valid-episodes", str(tmp_path / "valid.json"), "--out", str(tmp_path / "o"))
+    assert args.func(args) == 0
+    rows = _read_log(tmp_path / "o" / VALID_LOG)
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"] and "acc_synth" in rows[0]
+    kept = load_tagged(tmp_path / "o" / MODEL, "amt-model")["kept_epoch"]
+    assert kept in (1, 2) and [r["kept"] for r in rows].count("1") == 1
+    assert rows[kept]["kept"] == "1"
+    unpaired = _parse("train", *common, "--valid-stores", str(store_path), "--out", "o2")
+    with pytest.raises(UserError, match="--valid-stores gives 1 files and --valid-episodes 0"):
+        unpaired.func(unpaired)
 
 
 def test_load_trained_applies_adapters_to_the_recorded_backbone(tmp_path, tiny_file):
@@ -242,6 +485,62 @@ def test_cosine_schedule():
     assert lrs[:3] == [0.5, 1.0, 1.0]
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
     assert lrs[-1] == pytest.approx(0.5 * (1 + np.cos(np.pi * 7 / 8)))
+    config = train_config(None, epochs=5, episodes_per_epoch=2, warmup_epochs=1, lr=1.0)
+    assert [episode_lr(config, i) for i in range(10)] == lrs
+
+
+def _timm_lrs(epochs: int, warmup: int, lr: float, stepped: str) -> list[float]:
+    """Per-epoch lrs of timm's own scheduler, built by create_scheduler from the release's
+    arguments (utils/args.py:139-162) and stepped before (AMT) or after (PMF) each epoch."""
+    from timm.scheduler import create_scheduler
+
+    args = argparse.Namespace(sched="cosine", epochs=epochs, warmup_epochs=warmup,
+                              warmup_lr=1e-6, min_lr=1e-6, cooldown_epochs=10, decay_epochs=30,
+                              decay_rate=0.1, patience_epochs=10, lr_noise=None,
+                              lr_noise_pct=0.67, lr_noise_std=1.0, seed=0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
+    scheduler, _ = create_scheduler(args, optimizer)
+    lrs = []
+    for epoch in range(epochs):
+        if stepped == "before":
+            scheduler.step(epoch)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        if stepped == "after":
+            scheduler.step(epoch)
+    return lrs
+
+
+@pytest.mark.parametrize(("schedule", "stepped"), [("cosine_epoch_timm", "before"),
+                                                   ("cosine_epoch_timm_after", "after")])
+@pytest.mark.parametrize(("epochs", "warmup", "lr"), [(30, 5, 5e-4), (100, 5, 2.5e-5),
+                                                      (7, 0, 0.1)])
+def test_epoch_schedules_equal_timms_scheduler(schedule, stepped, epochs, warmup, lr):
+    config = TrainConfig(epochs=epochs, episodes_per_epoch=3, warmup_epochs=warmup, lr=lr,
+                         schedule=schedule)
+    ours = [episode_lr(config, i) for i in range(config.total_episodes)]
+    per_epoch = [ours[3 * e:3 * e + 3] for e in range(epochs)]
+    assert all(len(set(lrs)) == 1 for lrs in per_epoch)  # constant within an epoch
+    assert [lrs[0] for lrs in per_epoch] == pytest.approx(_timm_lrs(epochs, warmup, lr, stepped),
+                                                          rel=1e-12)
+
+
+def test_the_releases_schedule_for_lr_5e4_over_30_epochs():
+    """release_facts: 1e-6, 1.0e-4, 2.0e-4, 3.0e-4, 4.0e-4, then 4.67e-4 (the cosine at 5 of
+    30, never 5e-4 itself), down to 2.4e-6 in epoch 29."""
+    lrs = [timm_cosine_lr(e, 30, 5, 5e-4, 1e-6, 1e-6) for e in range(30)]
+    assert lrs[:6] == pytest.approx([1e-6, 1.008e-4, 2.006e-4, 3.004e-4, 4.002e-4, 4.6657e-4],
+                                    rel=1e-4)
+    assert max(lrs) < 5e-4 and lrs[29] == pytest.approx(2.37e-6, rel=1e-2)
+
+
+def test_optimizer_choice():
+    sgd = MetaTuner(train_config(None, method="lora"), CPU).optimizer
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.9
+    adamw = MetaTuner(train_config(None, method="lora", optimizer="adamw", weight_decay=0.05),
+                      CPU).optimizer
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 0.05
+    with pytest.raises(UserError, match="optimizer='adam': expected one of"):
+        train_config(None, optimizer="adam")
 
 
 def _parse(*argv: str) -> argparse.Namespace:

@@ -59,6 +59,26 @@ BAD = [
         c["evaluate"]["grids"].update(amt_release={"beta": [1]})),
      r"evaluate\.methods: amt_release evaluates the authors' released pool; give its "
      r"checkpoint as backbones\.<backbone>\.release\.<setting>"),
+    ("keep best without validation", lambda c: c["train"].pop("validation"),
+     r"train\.keep: best needs validation episodes; add train\.validation"),
+    ("an override keeps the best without validation",
+     lambda c: (c["train"].pop("validation"),
+                c["train"].update(keep="last", overrides={"pm": {"keep": "best"}})),
+     r"train\.overrides\.pm\.keep: best needs validation episodes"),
+    ("override key typo", _set("train.overrides", {"pm": {"lrr": 1.0e-5}}),
+     r"train\.overrides\.pm: unknown keys \['lrr'\]; allowed: .*'lr'"),
+    ("override of no trained method", _set("train.overrides", {"pmf": {"lr": 1.0e-5}}),
+     r"train\.overrides: 'pmf' is not one of \['pm', 'lora', 'amt'\]"),
+    ("training episodes of no setting", _set("train.episodes", {"5w1s": "md_5w1s"}),
+     r"train\.episodes: unknown settings \['md_5w1s'\]"),
+    ("training episodes for an untrained setting", _set("train.episodes", {"1w1s": "5w1s"}),
+     r"train\.episodes \(its keys: trained settings\): unknown settings \['1w1s'\]"),
+    ("validation domain", _set("train.validation.domains", ["imagenet"]),
+     r"train\.validation\.domains: unknown domains \['imagenet'\]"),
+    ("schedule name", _set("train.schedule", "cosine"),
+     r"train\.schedule: 'cosine' is not one of \['cosine_episode', 'cosine_epoch_timm'"),
+    ("APSV rescaling", _set("train.amt.apsv_rescale", "tensor"),
+     r"train\.amt\.apsv_rescale: 'tensor' is not one of \['layer', 'block'\]"),
 ]
 
 
