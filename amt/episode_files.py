@@ -193,7 +193,9 @@ def cmd_episodes(args: argparse.Namespace) -> int:
     try:
         episodes = draw_episodes(store, split, sampler, config.count, config.seed)
     except ValueError as err:  # the split cannot hold the setting: the sampler names both
-        raise UserError(f"{config.domain} {config.kind} episodes: {err}") from None
+        hint = " (train.validation.domains: domains whose valid split holds the training " \
+            "setting)" if config.kind == "train_valid" else ""
+        raise UserError(f"{config.domain} {config.kind} episodes: {err}{hint}") from None
     meta = episode_meta(store, domain=config.domain, split=split, sampler=sampler,
                         seed=config.seed, count=config.count)
     meta.update(kind=config.kind, setting_name=config.setting_name)

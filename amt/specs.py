@@ -307,7 +307,8 @@ class TrainConfig:
         backbone_entry(self.backbone)
         for key, names in (("pos_embed", POS_EMBEDS), ("kl_direction", KL_DIRECTIONS),
                            ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("keep", KEEP),
-                           ("apsv_rescale", APSV_RESCALE), ("apsv_loss_support", APSV_LOSS_SUPPORT)):
+                           ("apsv_rescale", APSV_RESCALE),
+                           ("apsv_loss_support", APSV_LOSS_SUPPORT)):
             _choice(self, key, names)
         _ints(self, 1, "image_size", "epochs", "episodes_per_epoch", "rank", "checkpoint_every",
               "log_every")

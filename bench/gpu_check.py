@@ -41,10 +41,12 @@ GLYPHS = {"scripts": ["Latin", "N'Ko", "Armenian"], "max_classes_per_script": 10
 TAIL_CHARS = 3000  # of a failed step's log, kept in the JSON
 FORMULAS = {
     "train": "sum over baseline and pool-member jobs of epochs x episodes_per_epoch x "
-             "t_train(case, shots); case = pm | lora for baselines, amt for members with APQ "
+             "t_train(case, shots) + (epochs + 1) x validation domains x validation episodes "
+             "x t_forward; case = pm | lora for baselines, amt for members with APQ "
              "(t_amt(k) = t_apsv + k / k_bench x (t_amt_bench - t_apsv): APQ's PGD scaled to "
              "the config's attack_steps k), apsv or lora without it; t_train: bench_train's "
-             "median s/episode",
+             "median s/episode; shots: the evaluated setting's (its training episodes, "
+             "train.episodes, have as many and at most as many queries)",
     "select": "sum over selection jobs of valid episodes x (t_clean + (G - 1) x t_forward "
               "+ G x t_str [if the method trims] + G_ft x ft_steps x t_ft [if it fine-tunes]); "
               "G: grid points, G_ft: points with lr > 0; t_clean: bench_eval's amt episode "
@@ -110,9 +112,8 @@ class Rates:
             raise ValueError(f"bench_eval measured no episode of {shots} shots")
         return self.eval[shots]
 
-    def train_step(self, spec) -> float:
+    def train_step(self, spec, shots: int) -> float:
         """Seconds per episode of one training job's spec (a TrainConfig)."""
-        shots = spec.setting["shots"]
         if spec.method != "amt" or not (spec.apq or spec.apsv):
             return self._train("pm" if spec.method == "pm" else "lora", shots)
         if not spec.apq:
@@ -140,6 +141,14 @@ class Rates:
 
 def _setting_shots(plan: Plan, setting: str) -> int:
     return plan.config["settings"][setting]["shots"]
+
+
+def _training_seconds(plan: Plan, rates: Rates, job: dict, spec) -> float:
+    """One run's episodes, and its validation before training and after every epoch."""
+    shots = _setting_shots(plan, job["setting"])
+    seconds = spec.epochs * spec.episodes_per_epoch * rates.train_step(spec, shots)
+    episodes = plan.train.get("validation", {}).get("count", 0) * len(plan.validation_domains)
+    return seconds + (episodes * (spec.epochs + 1) * rates.forward(shots) if episodes else 0.0)
 
 
 def _selection_seconds(plan: Plan, rates: Rates, job: dict) -> float:
@@ -187,11 +196,9 @@ def estimate(config: dict, rates: Rates) -> dict:
     plan = check(config, load_schema())
     stages: dict[str, float] = defaultdict(float)
     for job in plan.baselines():
-        spec = plan.baseline_spec(**job)
-        stages["train"] += spec.epochs * spec.episodes_per_epoch * rates.train_step(spec)
+        stages["train"] += _training_seconds(plan, rates, job, plan.baseline_spec(**job))
     for job in plan.members():
-        spec = plan.member_spec(**job)
-        stages["train"] += spec.epochs * spec.episodes_per_epoch * rates.train_step(spec)
+        stages["train"] += _training_seconds(plan, rates, job, plan.member_spec(**job))
     for job in plan.selections():
         stages["select"] += _selection_seconds(plan, rates, job)
     for job in plan.evaluations():

@@ -412,3 +412,31 @@ def test_sampled_dataset_multi_source(flat, two_level):
     assert [single.episode(i)[1] for i in range(5)] == draw_episodes(flat, "train", sampler, 5, 1)
     with pytest.raises(ValueError, match="split 'valid' has 0 classes"):
         SampledEpisodeDataset([flat], "valid", sampler, train_transform(), seed=1, length=5)
+
+
+def test_training_validation_episodes_come_from_the_valid_split_only(tmp_path):
+    import argparse
+
+    from amt.episode_files import register
+    from amt.errors import UserError
+
+    path = tmp_path / "d.h5"
+    _store(path, [6] * 16, ["train"] * 8 + ["valid"] * 3 + ["test"] * 5)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+
+    def draw(kind: str, ways: int) -> str:
+        out = tmp_path / f"{kind}_{ways}.json"
+        args = parser.parse_args([
+            "episodes", "--store", str(path), "--domain", "d", "--kind", kind,
+            "--setting-name", "s", "--setting", json.dumps({"ways": ways, "shots": 1,
+                                                            "queries": 2}),
+            "--count", "2", "--seed", "0", "--out", str(out)])
+        assert args.func(args) == 0
+        return load_episodes(out)[1]["split"]
+
+    assert draw("train_valid", 3) == "valid"
+    assert draw("valid", 5) == "test"  # selection falls back to the test classes
+    with pytest.raises(UserError, match=r"d train_valid episodes: .*split 'valid' has 3 "
+                                        r"classes.*train\.validation\.domains"):
+        draw("train_valid", 5)  # a run's validation never does

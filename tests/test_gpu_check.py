@@ -42,12 +42,14 @@ def _ci_config() -> dict:
 
 def test_estimate_of_the_ci_config_by_hand():
     """configs/ci.yaml: 4 training episodes per job (pm, lora, 2 amt members at 2 PGD steps),
-    amt selected on 2 domains over 2 validation episodes (3 grid points in two stages: the
-    clean episode, 2 more forwards, an STr per point), 6 evaluations of 3
-    test episodes (PGD-2, noise, one corruption; 1 sanity episode: 2 x 2 + 2 extra steps)."""
+    each job validated on 2 episodes of glyphs before training and after its 1 epoch, amt
+    selected on 2 domains over 2 validation episodes (3 grid points in two stages: the clean
+    episode, 2 more forwards, an STr per point), 6 evaluations of 3 test episodes (PGD-2,
+    noise, one corruption; 1 sanity episode: 2 x 2 + 2 extra steps)."""
     got = gpu_check.estimate(_ci_config(), _rates())
     amt_member = 30 + 2 / 4 * (70 - 30)  # APQ's steps scaled from the bench's 4 to 2
-    train = 4 * (10 + 20) + 2 * 4 * amt_member
+    validation = 2 * 2 * 0.5  # 2 validations of 2 episodes, one forward each
+    train = 4 * (10 + 20) + 2 * 4 * amt_member + 4 * validation
     select = 2 * 2 * (3 + 2 * 0.5 + 3 * 0.1)
     frozen = 3 * (1 + 2 * 0.25 + 2 * 0.5) + 6 * 0.25
     pool = 3 * (3 + 0.1 + 2 * 0.25 + 2 * 0.5) + 6 * 0.25
@@ -83,6 +85,12 @@ def test_estimate_names_the_missing_rate():
     with pytest.raises(ValueError, match="no pm episode of 5 shots"):
         gpu_check.estimate(config, _rates())
     assert gpu_check.estimate(config, _rates((1, 5)))["jobs"]["train"] == 8
+
+
+def test_estimate_of_the_paper_config_runs_on_its_meta_dataset_training_episodes():
+    got = gpu_check.estimate(yaml.safe_load(gpu_check.PAPER_CONFIG.read_text()),
+                             _rates((1, 5)))
+    assert got["jobs"]["train"] == 84 and got["gpu_hours"]["train"] > 0
 
 
 def test_bench_train_measures_each_shot_count_in_the_training_dtype():

@@ -251,8 +251,8 @@ def _workflow_config(tmp_path: pathlib.Path) -> dict:
     config["backbones"] = {"tiny_vit": {"checkpoint": str(backbone_file(tmp_path)),
                                         "release": {"5w1s": str(release)}}}
     config["train"].update(sources=["tiles"], backbones=["tiny_vit"], methods=["pm"],
-                           episodes_per_epoch=2)
-    del config["train"]["amt"]
+                           episodes_per_epoch=2, keep="last")
+    del config["train"]["amt"], config["train"]["validation"]  # tiles has no valid split
     config["evaluate"].update(
         targets=["tiles"], methods=["pm", "amt_release"], references=["pm"],
         grids={"amt_release": {"beta": [1], "gamma": [0.6],
