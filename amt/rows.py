@@ -17,7 +17,7 @@ Columns (``COLUMNS``, every one required; extra columns are kept untouched):
 | norm | str | none, linf, l2 or corruption |
 | eps | float | 0 when clean; the budget for linf/l2 (> 0); the severity 1..5 for corruptions |
 | accuracy | float in [0, 1] | fraction of the episode's queries classified correctly |
-| seed | int | seed of the evaluation job |
+| seed | int | the training seed of the evaluated model (``train.seeds``), its evaluation's too |
 | config_hash | str | hash of the configuration that produced the row |
 
 ``KEY`` identifies a row; ``load_results`` rejects duplicate keys within and across files.
@@ -49,8 +49,8 @@ COLUMNS: dict[str, str] = {
     "setting": "str", "episode": "int", "attack": "str", "norm": "str", "eps": "float",
     "accuracy": "float", "seed": "int", "config_hash": "str",
 }
-KEY: tuple[str, ...] = ("benchmark", "domain", "backbone", "method", "setting", "episode",
-                        "attack", "norm", "eps")
+KEY: tuple[str, ...] = ("benchmark", "domain", "backbone", "method", "setting", "seed",
+                        "episode", "attack", "norm", "eps")
 GROUP: tuple[str, ...] = ("benchmark", "backbone", "setting")  # one table or figure set each
 CONDITION: tuple[str, ...] = ("attack", "norm", "eps")
 NORMS = ("none", "linf", "l2", "corruption")

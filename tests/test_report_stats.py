@@ -1,4 +1,5 @@
-"""Episode statistics: mean ± 95% CI (ddof 1 or 0), domain averages and paired differences."""
+"""Episode statistics: mean ± 95% CI (ddof 1 or 0), training seeds, domain averages and paired
+differences."""
 
 from __future__ import annotations
 
@@ -8,8 +9,18 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from builders import synthetic_results
 
-from amt.report.stats import Estimate, mean_ci, mean_of_means, paired_difference, summarise
+from amt.report.stats import (
+    Estimate,
+    crossed_estimate,
+    mean_ci,
+    mean_of_means,
+    paired_difference,
+    summarise,
+)
+from amt.report.tables import build_tables
+from amt.rows import validate_results
 from amt.specs import StatsOptions
 
 POPULATION = StatsOptions(std_ddof=0)
@@ -105,3 +116,45 @@ def test_paired_difference_errors() -> None:
         paired_difference(pd.Series([0.1], index=[0]), pd.Series([0.2], index=[1]), "x")
     with pytest.raises(ValueError, match="episodes of a are not unique"):
         paired_difference(pd.Series([0.1, 0.2], index=[0, 0]), pd.Series([0.2], index=[0]))
+
+
+def _seeded(offsets: list[float], episodes: int = 10) -> pd.DataFrame:
+    """accuracy = an episode's difficulty + its seed's offset: a known seed effect."""
+    base = np.linspace(0.3, 0.8, episodes)
+    return pd.DataFrame([{"seed": s, "episode": e, "accuracy": base[e] + off}
+                         for s, off in enumerate(offsets) for e in range(episodes)])
+
+
+def test_several_seeds_add_the_between_seed_interval_to_the_episode_interval():
+    flat, spread = crossed_estimate(_seeded([0, 0, 0])), crossed_estimate(_seeded([-0.1, 0, 0.1]))
+    base = np.linspace(0.3, 0.8, 10)
+    episodes = 1.96 * np.std(base, ddof=1) / np.sqrt(10)
+    between = 4.302653 * 0.1 / np.sqrt(3)  # t(2, 0.975) * std([-.1, 0, .1], ddof=1) / sqrt(3)
+    assert (flat.seeds, flat.n) == (3, 30) and flat.ci == pytest.approx(episodes, rel=1e-6)
+    assert spread.ci == pytest.approx(np.hypot(episodes, between), rel=1e-6)
+    assert spread.mean == pytest.approx(base.mean()) and spread.ci > flat.ci
+    one = crossed_estimate(_seeded([0.1]))  # one seed: the episode interval alone
+    assert one.seeds == 1 and one.ci == pytest.approx(episodes, rel=1e-6)
+
+
+def test_paired_differences_pair_on_seed_and_episode():
+    a = _seeded([-0.1, 0, 0.1]).set_index(["seed", "episode"])["accuracy"]
+    b = a - 0.05  # the same seed effect: it cancels in every (seed, episode) pair
+    diff = paired_difference(a, b)
+    assert diff.mean == pytest.approx(0.05) and diff.ci == pytest.approx(0, abs=1e-12)
+    assert diff.seeds == 3 and diff.n == 30
+    shuffled = b.sample(frac=1, random_state=0)  # pairing is by index, not position
+    assert paired_difference(a, shuffled).ci == pytest.approx(0, abs=1e-12)
+
+
+def test_tables_say_how_many_seeds_they_average(tmp_path):
+    rows = synthetic_results(episodes=4)
+    three = pd.concat([rows.assign(seed=s, accuracy=(rows.accuracy + 0.02 * s).clip(0, 1))
+                       for s in range(3)])
+    build_tables(validate_results(three), tmp_path)
+    index = (tmp_path / "tables.md").read_text()
+    assert "averaged over 3 training seeds" in index and "Student's t" in index
+    assert "; 3 seeds" in (tmp_path / "clean_builtin_dino_5w1s_clean.md").read_text()
+    build_tables(rows, tmp_path / "one")
+    assert "one training seed: the interval covers the test episodes only" in \
+        (tmp_path / "one" / "tables.md").read_text()

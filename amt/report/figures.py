@@ -236,9 +236,10 @@ def corruption_bars(results: pd.DataFrame, palette: Palette, notes: list[str],
         if corrupted.empty:
             continue
         _note_severities(corrupted, group, notes)
-        per_episode = (corrupted.groupby(["domain", "method", "attack", "episode"], sort=False)
-                       ["accuracy"].mean().reset_index())
-        clean = data.loc[data.norm == "none", ["domain", "method", "episode", "accuracy"]]
+        per_episode = (corrupted.groupby(["domain", "method", "attack", "seed", "episode"],
+                                         sort=False)["accuracy"].mean().reset_index())
+        clean = data.loc[data.norm == "none",
+                         ["domain", "method", "seed", "episode", "accuracy"]]
         per_episode = pd.concat([clean.assign(attack="clean"), per_episode])
         yield ("corruptions_" + "_".join(map(str, group)),
                _corruption_figure(per_episode, data, group, palette, stats))

@@ -127,7 +127,7 @@ def _rows(spec: TableSpec, present: set[str], reference: str) -> list[str]:
 
 def _episodes(data: pd.DataFrame, method: str, domain: str) -> pd.Series:
     rows = data[(data.method == method) & (data.domain == domain)]
-    return rows.set_index("episode")["accuracy"]
+    return rows.set_index(["seed", "episode"])["accuracy"]
 
 
 def domain_cells(data: pd.DataFrame, rows: Sequence[str], domains: Sequence[str],
@@ -136,7 +136,7 @@ def domain_cells(data: pd.DataFrame, rows: Sequence[str], domains: Sequence[str]
     """Per (method, domain) estimate of one condition's rows; paired to ``reference`` if given."""
     if reference is None:
         summary = summarise(data[data.method.isin(rows)], ["method", "domain"], stats=stats)
-        return {(r.method, r.domain): Estimate(r.mean, r.ci, int(r.n))
+        return {(r.method, r.domain): Estimate(r.mean, r.ci, int(r.n), int(r.seeds))
                 for r in summary.itertuples(index=False)}
     cells: Cells = {}
     for method in rows:
@@ -249,6 +249,7 @@ def spec_tables(spec: TableSpec, results: pd.DataFrame, notes: list[str],
                      _domains_table(spec, part, group, condition, rows, reference, stats))
             if not table.columns:
                 continue
+            table.caption += _seeds_caption(table)
             wanted = (spec.anchor,) * bool(spec.anchor) + (spec.methods or ())
             absent = [m for m in wanted if m not in present]
             if absent:
@@ -385,8 +386,8 @@ def _index(tables: list[Table], notes: list[str], references: Sequence[str],
            stats: StatsOptions) -> str:
     minus = " or ".join(method_label(r) for r in references)
     lines = ["# Tables", "",
-             "Cells: mean ± 95% CI over test episodes, 1.96 · std / √n with the std of ddof="
-             f"{stats.std_ddof}, in %. Averages: mean of per-domain means, "
+             f"Cells: mean ± 95% CI in %, {_seeds_text(tables)}, with the std of ddof="
+             f"{stats.std_ddof}. Averages: mean of per-domain means, "
              f"{AVERAGE_CI_TEXT[stats.average_ci]}. "
              f"Differences (difference_vs_<method>): paired on shared episodes, minus {minus}. "
              "Bold: best per column.", ""]
@@ -394,6 +395,26 @@ def _index(tables: list[Table], notes: list[str], references: Sequence[str],
               f"{t.caption}" for t in tables]
     lines += ["", "## Notes", ""] + ([f"- {n}" for n in notes] or ["- none"])
     return "\n".join(lines) + "\n"
+
+
+def _seeds_caption(table: Table) -> str:
+    """'; 3 seeds' (or '; 2-3 seeds') when the cells average several training seeds."""
+    seeds = sorted({e.seeds for e in table.cells.values()})
+    if seeds[-1] == 1:
+        return "; 1 seed"
+    return f"; {seeds[0]}-{seeds[-1]} seeds" if len(seeds) > 1 else f"; {seeds[0]} seeds"
+
+
+def _seeds_text(tables: list[Table]) -> str:
+    """How many training seeds the cells average, and what the interval covers."""
+    seeds = sorted({e.seeds for t in tables for e in t.cells.values()})
+    if seeds in ([], [1]):
+        return ("one training seed: the interval covers the test episodes only, 1.96 · std / "
+                "√n, not the spread between training runs")
+    counts = " to ".join(map(str, (seeds[0], seeds[-1]))) if len(seeds) > 1 else str(seeds[0])
+    return (f"averaged over {counts} training seeds and the test episodes: the episode "
+            "interval and the between-seed interval (Student's t) in quadrature "
+            "(docs/method.md, Statistics)")
 
 
 REFERENCES = ("pm", "lora")  # the baselines AMT's paired differences are taken against
