@@ -15,6 +15,7 @@ from fractions import Fraction
 
 from amt.registry import EPISODE_KINDS, METHODS, TRAINED, parse_budget
 from amt.specs import (
+    FIXED_HYPER,
     EpisodesConfig,
     EvalConfig,
     ImportConfig,
@@ -233,16 +234,19 @@ class Plan:
         return [path("episodes", domain=d, kind=VALIDATION_KIND,
                      setting=self.train_setting(setting)) for d in self.validation_domains]
 
+    def _pos_embed(self, backbone: str) -> dict:
+        """The backbone's position-embedding mode, if configured (else the spec's default)."""
+        spec = self.config["backbones"][backbone]
+        return {"pos_embed": spec["pos_embed"]} if "pos_embed" in spec else {}
+
     def _train_spec(self, backbone: str, setting: str, trained: str, **fields: object
                     ) -> TrainConfig:
         run = {k: self.train[k] for k in RUN_KEYS if k in self.train}
         run |= self.train.get("overrides", {}).get(trained, {})
-        spec = self.config["backbones"][backbone]
-        pos_embed = {"pos_embed": spec["pos_embed"]} if "pos_embed" in spec else {}
         return TrainConfig(method=TRAINED[trained].trainer, backbone=backbone,
                            backbone_checkpoint=self.backbone_checkpoint(backbone),
                            setting=self.config["settings"][self.train_setting(setting)], **run,
-                           **pos_embed, **self._run_options(), **fields)
+                           **self._pos_embed(backbone), **self._run_options(), **fields)
 
     def baseline_spec(self, backbone: str, setting: str, trained: str, seed: int | None = None
                       ) -> TrainConfig:
@@ -298,7 +302,8 @@ class Plan:
         where = {"backbone": backbone, "setting": setting}
         return ImportConfig(checkpoint=self.release_checkpoint(backbone, setting),
                             backbone=backbone, out=path("release_pool", **where),
-                            backbone_out=path("release_backbone", **where))
+                            backbone_out=path("release_backbone", **where),
+                            **self._pos_embed(backbone))
 
     # -- selection and evaluation ---------------------------------------------------------------
     def trained_artefact(self, backbone: str, setting: str, method: str,
@@ -335,8 +340,7 @@ class Plan:
 
     def select_spec(self, backbone: str, setting: str, domain: str, method: str,
                     seed: int | None = None) -> SelectConfig:
-        fixed = {k: self.evaluate[k] for k in ("str_solver", "score_precision")
-                 if k in self.evaluate}
+        fixed = {k: self.evaluate[k] for k in FIXED_HYPER if k in self.evaluate}
         seed = self._seed(seed)
         return SelectConfig(
             method=method, model=self.trained_artefact(backbone, setting, method, seed),

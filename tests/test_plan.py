@@ -113,7 +113,7 @@ def test_amt_release_reads_the_imported_release_wherever_a_backbone_has_one():
     assert (spec.out, spec.backbone_out) == (
         Path("results/models/dino_vits16/5w1s/release/pool.pt"),
         Path("results/models/dino_vits16/5w1s/release/backbone.pt"))
-    assert spec.image_size == 128
+    assert spec.image_size == 128 and spec.pos_embed == "interpolate"  # as the release
     select = plan.select_spec("dino_vits16", "5w1s", "isic", "amt_release")
     assert select.model == Path(spec.out) and "top_k" not in select.grid
 
