@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import shlex
 from collections import Counter
+from dataclasses import fields
 from fractions import Fraction
 
-from amt.registry import EPISODE_KINDS, METHODS, TRAINED, parse_budget
+from amt.errors import UserError
+from amt.registry import EPISODE_KINDS, METHODS, SWEEPS, TRAINED, parse_budget, sweep_of
 from amt.specs import (
     EpisodesConfig,
     EvalConfig,
@@ -129,13 +131,47 @@ class Plan:
     def domains(self) -> list[str]:
         return list(self.config["domains"])
 
+    def expand(self, names: list[str]) -> list[str]:
+        """The names with each sweep family (amt_lambda) replaced by the names its values
+        generate (amt_lambda_1, amt_lambda_3, ...: train.amt.<its key>)."""
+        return [n for name in names for n in (self.sweep_names(name) if name in SWEEPS
+                                              else [name])]
+
+    def sweep_names(self, family: str) -> list[str]:
+        sweep = SWEEPS[family]
+        key = f"train.amt.{sweep.key}"
+        if sweep.key not in self.amt:
+            raise UserError(f"{key}: {family} needs the list of {sweep.field} values it trains "
+                            "one pool each for")
+        default = next(f.default for f in fields(TrainConfig) if f.name == sweep.field)
+        main = self.amt.get(sweep.field, default)
+        if main in self.amt[sweep.key]:
+            raise UserError(f"{key}: {main} is train.amt.{sweep.field} (AMT's own pool, the "
+                            "table's reference row): leave it out of the sweep")
+        names = [sweep.name(float(v)) for v in self.amt[sweep.key]]
+        unnamed = [v for v, n in zip(self.amt[sweep.key], names, strict=True)
+                   if sweep_of(n) != (sweep, float(v))]
+        if unnamed:
+            raise UserError(f"{key}: values {unnamed} have no method name {sweep.pattern!r} "
+                            "(expected 0 or values >= 1e-4 with at most 6 significant digits)")
+        return names
+
     @property
     def trained_pooled(self) -> list[str]:
-        return [t for t in self.train["methods"] if TRAINED[t].pooled]
+        return [t for t in self.expand(self.train["methods"]) if TRAINED[t].pooled]
 
     @property
     def trained_baselines(self) -> list[str]:
-        return [t for t in self.train["methods"] if not TRAINED[t].pooled]
+        return [t for t in self.expand(self.train["methods"]) if not TRAINED[t].pooled]
+
+    @property
+    def evaluated_methods(self) -> list[str]:
+        return self.expand(self.evaluate["methods"])
+
+    def pool_strategies(self, trained: str) -> tuple[str, ...]:
+        """amt's pools: one per configured strategy; a trained ablation's: AMT's own
+        (separate), the one every paired difference compares with."""
+        return self.strategies if trained == "amt" else DEFAULT_STRATEGIES
 
     def _run_options(self) -> dict:
         return {"device": self.config["device"]} if "device" in self.config else {}
@@ -231,8 +267,17 @@ class Plan:
                            setting=self.config["settings"][self.train_setting(setting)], **run,
                            **pos_embed, **self._run_options(), **fields)
 
+    def _tuning(self, trained: str) -> dict:
+        """train.amt's member keys and the trained variant's switches over them."""
+        return {k: self.amt[k] for k in MEMBER_KEYS if k in self.amt} | \
+            dict(TRAINED[trained].switches)
+
     def baseline_spec(self, backbone: str, setting: str, trained: str) -> TrainConfig:
-        return self._train_spec(backbone, setting, trained, seed=self.config["seed"])
+        """pm and lora; amt_single: an amt run at train.amt.single_budget (TrainConfig's
+        budget when unset) with train.amt's keys."""
+        single = {"budgets": [self.amt["single_budget"]]} if "single_budget" in self.amt else {}
+        extra = {**self._tuning(trained), **single} if TRAINED[trained].single_budget else {}
+        return self._train_spec(backbone, setting, trained, seed=self.config["seed"], **extra)
 
     def member_spec(self, backbone: str, setting: str, trained: str, strategy: str,
                     member: int) -> TrainConfig:
@@ -246,8 +291,8 @@ class Plan:
             budgets, seed = [mean_budget(self.amt["budgets"])], seed + member
         else:
             budgets, seed = list(self.budgets), seed + member
-        tuning = {k: self.amt[k] for k in MEMBER_KEYS if k in self.amt}
-        return self._train_spec(backbone, setting, trained, seed=seed, budgets=budgets, **tuning)
+        return self._train_spec(backbone, setting, trained, seed=seed, budgets=budgets,
+                                **self._tuning(trained))
 
     def pool_members(self, backbone: str, setting: str, trained: str, strategy: str
                      ) -> list[str]:
@@ -291,9 +336,14 @@ class Plan:
         return path("pool", strategy=entry.strategy, **where) if entry.pooled else \
             path("model", **where)
 
+    def grid(self, method: str) -> dict | list | None:
+        """A method's grid: its own, or its sweep family's (amt_lambda's for amt_lambda_3)."""
+        grids, found = self.evaluate.get("grids", {}), sweep_of(method)
+        return grids.get(method, grids.get(found[0].family) if found else None)
+
     def selection(self, backbone: str, setting: str, domain: str, method: str) -> str | None:
         """Its selection file, for a method with test-time hyperparameters and a grid."""
-        if method not in self.evaluate.get("grids", {}):
+        if self.grid(method) is None:
             return None
         return path("selection", backbone=backbone, setting=setting, domain=domain,
                     method=method)
@@ -318,7 +368,7 @@ class Plan:
             method=method, model=self.trained_artefact(backbone, setting, method),
             store=path("store", domain=domain),
             episodes=path("episodes", domain=domain, kind="valid", setting=setting),
-            grid=self.evaluate["grids"][method],
+            grid=self.grid(method),
             out=self.selection(backbone, setting, domain, method),
             base_selection=self.base_selection(backbone, setting, domain, method),
             seed=self.config["seed"], **fixed, **self._image_options(domain),
@@ -345,7 +395,7 @@ class Plan:
         backbone has one for the setting)."""
         return [{"backbone": b, "setting": s, "domain": d, "method": m}
                 for b in self.train["backbones"] for s in self.evaluate["settings"]
-                for d in self.evaluate["targets"] for m in self.evaluate["methods"]
+                for d in self.evaluate["targets"] for m in self.evaluated_methods
                 if not METHODS[m].released or self.release_checkpoint(b, s)]
 
     def selections(self) -> list[dict[str, str]]:
@@ -366,7 +416,7 @@ class Plan:
     def pools(self) -> list[dict[str, str]]:
         return [{"backbone": b, "setting": s, "trained": t, "strategy": st}
                 for b in self.train["backbones"] for s in self.train["settings"]
-                for t in self.trained_pooled for st in self.strategies]
+                for t in self.trained_pooled for st in self.pool_strategies(t)]
 
     def members(self) -> list[dict[str, object]]:
         return [{**pool, "member": i} for pool in self.pools() for i in range(len(self.budgets))]
