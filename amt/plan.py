@@ -258,14 +258,21 @@ class Plan:
 
     def _train_spec(self, backbone: str, setting: str, trained: str, **fields: object
                     ) -> TrainConfig:
-        run = {k: self.train[k] for k in RUN_KEYS if k in self.train}
-        run |= self.train.get("overrides", {}).get(trained, {})
+        run = {k: self.train[k] for k in RUN_KEYS if k in self.train} | self._overrides(trained)
         spec = self.config["backbones"][backbone]
         pos_embed = {"pos_embed": spec["pos_embed"]} if "pos_embed" in spec else {}
         return TrainConfig(method=TRAINED[trained].trainer, backbone=backbone,
                            backbone_checkpoint=self.backbone_checkpoint(backbone),
                            setting=self.config["settings"][self.train_setting(setting)], **run,
                            **pos_embed, **self._run_options(), **fields)
+
+    def _overrides(self, trained: str) -> dict:
+        """train.overrides of a run: amt's for every run of the amt trainer (the ablations
+        share AMT's run keys), then its own (a sweep's under its family name)."""
+        overrides, found = self.train.get("overrides", {}), sweep_of(trained)
+        names = ["amt"] * (TRAINED[trained].trainer == "amt") + \
+            [found[0].family if found else trained]
+        return {k: v for name in dict.fromkeys(names) for k, v in overrides.get(name, {}).items()}
 
     def _tuning(self, trained: str) -> dict:
         """train.amt's member keys and the trained variant's switches over them."""

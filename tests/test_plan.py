@@ -364,3 +364,17 @@ def test_amt_single_is_one_adversarial_lora_at_its_budget_evaluated_without_a_po
     default_budget = _ablations(lambda_adv_sweep=[1]).baseline_spec("small_vit", "5w1s",
                                                                       "amt_single")
     assert default_budget.budgets == TrainConfig.budgets
+
+
+def test_the_trained_ablations_take_amts_overrides_then_their_own():
+    config = copy.deepcopy(_ablations(lambda_adv_sweep=[1]).config)
+    config["train"]["overrides"] = {"amt": {"epochs": 5, "lr": 1.0e-3},
+                                    "amt_lambda": {"lr": 2.0e-3}, "lora": {"epochs": 7}}
+    plan = Plan(config)
+    specs = {t: plan.member_spec("small_vit", "5w1s", t, "separate", 0)
+             for t in ("amt", "amt_no_apq", "amt_lambda_1")}
+    specs["amt_single"] = plan.baseline_spec("small_vit", "5w1s", "amt_single")
+    assert {t: (s.epochs, s.lr) for t, s in specs.items()} == {
+        "amt": (5, 1.0e-3), "amt_no_apq": (5, 1.0e-3), "amt_lambda_1": (5, 2.0e-3),
+        "amt_single": (5, 1.0e-3)}
+    assert plan.baseline_spec("small_vit", "5w1s", "pm").epochs == DEFAULT["train"]["epochs"]
