@@ -248,7 +248,8 @@ def _with_key(key: str, parse: Callable[[object], object], value: object) -> Non
 
 def _check_trained(evaluate: dict, train: dict) -> None:
     """Each evaluated method reads a trained artefact that training must build: its trained
-    method, and for a pool method the pool of its strategy."""
+    method, and for a method over amt's pools the pool of its strategy (the trained ablations
+    always train AMT's own, separate)."""
     strategies = train.get("amt", {}).get("pool_strategies", list(DEFAULT_STRATEGIES))
     for method in evaluate["methods"]:
         entry = METHODS[method]
@@ -258,7 +259,7 @@ def _check_trained(evaluate: dict, train: dict) -> None:
             raise ConfigError(f"config key evaluate.methods: {method} reads the "
                               f"{entry.trained!r} models; add it to train.methods (now "
                               f"{train['methods']})")
-        if entry.pooled and entry.strategy not in strategies:
+        if entry.pooled and entry.trained == "amt" and entry.strategy not in strategies:
             raise ConfigError(f"config key evaluate.methods: {method} needs the "
                               f"{entry.strategy!r} pool; add it to train.amt.pool_strategies "
                               f"(now {strategies})")

@@ -8,7 +8,9 @@ W_res,j = W_j - B_j A_j, so at initialisation the network is unchanged. The top 
 computed in float64 on the CPU (whatever the training device), so every run on the same backbone
 file gets the same residual: a pool of adapters trained separately shares one W_res. A backbone
 whose weights already are residuals (the authors' released pool, ``amt.release``) is injected
-with ``residual="stored"``: W_res = W as stored, and zero adapters.
+with ``residual="stored"``: W_res = W as stored, and zero adapters. The usual LoRA
+initialisation (``standard_init``: A Kaiming-uniform, B zero) also keeps W_res = W: a pool
+trained from it is rebuilt with ``residual="stored"`` (``RESIDUAL_OF_INIT``).
 
 Adapters are addressed by name (``blocks.3.attn.qkv.k``, ``blocks.3.mlp.fc1``). A ``LoRAState``
 holds the adapter tensors only, saved apart from the backbone. ``merge`` writes
@@ -19,6 +21,7 @@ pool member); ``unmerge`` drops it, leaving the residual untouched, so the round
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +33,8 @@ from amt.registry import LORA_TARGETS
 
 FUSED_BLOCKS = {"qkv": ("q", "k", "v")}  # layer name -> output blocks with their own adapter
 RESIDUALS = ("svd", "stored")  # W_res = W - (top-r of W), or W as stored
+# TrainConfig.lora_init (registry.LORA_INITS) -> the residual its adapters were trained on
+RESIDUAL_OF_INIT = {"svd": "svd", "standard": "stored"}
 
 Adapter = tuple[Tensor, Tensor]  # (A [r, in], B [out_block, r])
 
@@ -119,8 +124,9 @@ class _LowRankLinear(torch.autograd.Function):
     every skinny product with the long token dimension as the streamed operand:
     (A x^T) and (B_j^T dY_j^T) are [r, tokens], dL/dA_j = (B_j^T dY_j^T) x and
     dL/dB_j = ((A_j x^T) dY_j)^T. On this CPU that orientation is 1.5-6x faster than the
-    transposed ones (bench/README.md). No gradient for W_res and the bias; inputs that do not
-    require grad get none (freeze the adapters while attacking inputs). Under autocast the
+    transposed ones (bench/README.md). No gradient for the bias; W_res gets dL/dW (= dY^T x)
+    only when it requires grad (APSV's weight-space ascent); inputs that do not require grad get
+    none (freeze the adapters while attacking inputs). Under autocast the
     matmuls run in the autocast dtype and the backward in the output's dtype.
 
     Shapes: x [tokens, in], residual [blocks * out_block, in], a [blocks, r, in],
@@ -134,6 +140,7 @@ class _LowRankLinear(torch.autograd.Function):
         weight = torch.baddbmm(residual.view(blocks, rows, -1), b.to(residual.dtype),
                                a.to(residual.dtype)).view(residual.shape)
         weight = weight.to(x.dtype)
+        ctx.residual_dtype = residual.dtype
         ctx.save_for_backward(x, weight, a, b)
         return x @ weight.T if bias is None else torch.addmm(bias.to(x.dtype), x, weight.T)
 
@@ -141,9 +148,10 @@ class _LowRankLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         saved = ctx.saved_tensors
         x, weight, a, b = (t.to(grad.dtype) for t in saved)
-        need_x, _, _, need_a, need_b = ctx.needs_input_grad
+        need_x, need_w, _, need_a, need_b = ctx.needs_input_grad
         blocks, rows, rank = b.shape
         grad_x = grad @ weight if need_x else None
+        grad_w = (grad.T @ x).to(ctx.residual_dtype) if need_w else None
         per_block = grad.view(len(grad), blocks, rows).permute(1, 2, 0)  # [blocks, rows, tokens]
         grad_a = grad_b = None
         if need_a:  # (B_j^T dY_j^T) x
@@ -152,7 +160,7 @@ class _LowRankLinear(torch.autograd.Function):
         if need_b:  # ((A_j x^T) dY_j)^T
             projected = (a.reshape(blocks * rank, -1) @ x.T).view(blocks, rank, -1)
             grad_b = torch.bmm(projected, per_block.mT).mT
-        return (_like(grad_x, saved[0]), None, None, _like(grad_a, saved[2]),
+        return (_like(grad_x, saved[0]), grad_w, None, _like(grad_a, saved[2]),
                 _like(grad_b, saved[3]))
 
 
@@ -230,6 +238,25 @@ def inject_lora(model: nn.Module, rank: int = 8, targets: Sequence[str] = LORA_T
             setattr(parent, child,
                     LoRALinear(getattr(parent, child), name, rank, blocks, residual))
     return get_state(model)
+
+
+def standard_init(model: nn.Module) -> None:
+    """The usual LoRA initialisation in place (peft's, and the release's unused
+    ``init_lora_weights="lora"``: AMT models/lora_adsv/layers.py:59-64, 79-80): every A
+    Kaiming-uniform with a = sqrt(5), as nn.Linear's weights, every B zero, so B A = 0 and the
+    network starts as the frozen W. For layers injected with ``residual="stored"`` (W_res = W);
+    draws from torch's global generator."""
+    with torch.no_grad():
+        for a, b in adapter_parameters(model).values():
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            b.zero_()
+
+
+def adapter_delta(layer: LoRALinear) -> Tensor:
+    """The layer's weight update from its own adapters, blockdiag(B_j A_j) stacked by output
+    block: [out, in], in the residual's dtype."""
+    return torch.cat([b.to(layer.residual.dtype) @ a.to(layer.residual.dtype)
+                      for a, b in layer.adapters()])
 
 
 @contextlib.contextmanager

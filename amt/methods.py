@@ -8,9 +8,10 @@ on the queries reuses them and never recomputes them (threat model: ``amt.evalua
 ``method.adapt(xs, ys, index, queries)`` is a context manager: the model is in the episode's
 state (merged, trimmed, fine-tuned) inside it and restored when it exits.
 
-- kind 'frozen' (pm, lora): the frozen meta-tuned backbone (lora: its adapter merged) and its
-  ProtoNet head. Frozen, so a clean embedding depends on the image only: ``EmbeddingCache``
-  computes each image's embedding once for all episodes (attacked queries are recomputed).
+- kind 'frozen' (pm, lora, amt_single): the frozen meta-tuned backbone (lora, amt_single: its
+  one adapter merged once, nothing merged per episode) and its ProtoNet head. Frozen, so a
+  clean embedding depends on the image only: ``EmbeddingCache`` computes each image's
+  embedding once for all episodes (attacked queries are recomputed).
 - ``finetune`` (pmf, amt_ft): PMF's test-time fine-tuning of the whole backbone on top: Adam,
   ``ft_steps`` steps at ``lr``, each on one DiffAugment copy of the support with prototypes from
   the clean support (both in one forward, gradients through both, as PMF); the weights are
@@ -27,7 +28,9 @@ state (merged, trimmed, fine-tuned) inside it and restored when it exits.
   ProtoNet head is the w-weighted average of the chosen members' heads (scale and bias): each
   member learned its own scale, and the merged model mixes them as it mixes their adapters.
 - combine 'uniform': every member with weight 1/P, no scoring; combine 'logits': each member
-  alone with its own prototypes and head, the logits averaged (no merged model, no STr).
+  alone with its own prototypes and head, the logits averaged (no merged model, no STr);
+  combine 'linear' (amt_linear): the same members' logits weighted by a linear classifier
+  fitted per episode on the augmented support (``PoolMethod.linear_weights``).
 
 Cost. Each member's merged weights W_res + B_p A_p are computed once per pool, not per episode,
 and stacked per layer: switching members is a pointer swap, and scoring runs the members side by
@@ -58,7 +61,7 @@ from amt.lora import LoRALinear, lora_layers, merge, merged_weight
 from amt.models import load_trained
 from amt.pool import Pool, load_pool
 from amt.protonet import ProtoHead, prototypes
-from amt.registry import STR_LAYERS, MethodEntry, method_entry
+from amt.registry import STR_LAYERS, TRAINED, MethodEntry, method_entry
 from amt.rows import SPECTRA_COLUMNS
 from amt.specs import Hyper
 from amt.trim import trim
@@ -85,13 +88,15 @@ class Classifier(nn.Module):
 
 
 class LogitAverage(nn.Module):
-    """Mean of the members' logits, each member alone with its own prototypes and head; in
-    eval mode, as ``Classifier``."""
+    """Mean of the members' logits (or their sum weighted by ``weights`` [P]), each member
+    alone with its own prototypes and head; in eval mode, as ``Classifier``."""
 
-    def __init__(self, method: PoolMethod, protos: list[Tensor]) -> None:
+    def __init__(self, method: PoolMethod, protos: list[Tensor],
+                 weights: Tensor | None = None) -> None:
         super().__init__()
         self.method, self.backbone = method, method.backbone
         self.protos = [p.detach() for p in protos]
+        self.weights = None if weights is None else weights.detach()
         self.eval()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -100,7 +105,14 @@ class LogitAverage(nn.Module):
             self.method.use_member(p)  # a pointer swap, no in-place write: backward stays valid
             with devices.autocast(x.device, self.method.amp):
                 logits.append(self.method.pool.heads[p](self.backbone(x), protos))
-        return torch.stack(logits).mean(0)
+        return combine_logits(torch.stack(logits), self.weights)
+
+
+def combine_logits(logits: Tensor, weights: Tensor | None) -> Tensor:
+    """[P, n, N] members' logits -> [n, N]: their mean, or their sum weighted by ``weights``."""
+    if weights is None:
+        return logits.mean(0)
+    return torch.tensordot(weights.to(logits.dtype), logits, dims=1)
 
 
 @dataclass
@@ -415,24 +427,55 @@ class PoolMethod(Method):
     @contextmanager
     def adapt(self, xs: Tensor, ys: Tensor, index: int, queries: Tensor | None = None,
               **options) -> Iterator[Adapted]:
-        if self.entry.combine != "logits":
+        if self.entry.combine not in ("logits", "linear"):
             with super().adapt(xs, ys, index, queries, **options) as adapted:
                 yield adapted
             return
         try:
-            yield self._logit_average(xs, ys, queries)
+            yield self._logit_average(xs, ys, index, queries)
         finally:
             self._use(None)
 
-    def _logit_average(self, xs: Tensor, ys: Tensor, queries: Tensor | None) -> Adapted:
+    def _logit_average(self, xs: Tensor, ys: Tensor, index: int, queries: Tensor | None
+                       ) -> Adapted:
         protos, clean = [], []
         for p, head in enumerate(self.pool.heads):
             self.use_member(p)
             adapted = self.classify(head, xs, ys, queries)
             protos.append(adapted.classifier.protos)
             clean.append(adapted.clean_logits)
-        mean = None if queries is None else torch.stack(clean).mean(0)
-        return Adapted(LogitAverage(self, protos), mean)
+        weights = self.linear_weights(xs, ys, index, protos) \
+            if self.entry.combine == "linear" else None
+        logits = None if queries is None else combine_logits(torch.stack(clean), weights)
+        return Adapted(LogitAverage(self, protos, weights), logits)
+
+    def linear_weights(self, xs: Tensor, ys: Tensor, index: int, protos: list[Tensor]
+                       ) -> Tensor:
+        """amt_linear's classifier: weights w [P] of the members' logits, sum_p w_p l_p(x),
+        fitted on ``hyper.linear_copies`` DiffAugment copies of the support (labelled as the
+        support; no query is seen) by ``hyper.linear_steps`` full-batch Adam steps at
+        ``hyper.linear_lr`` on their cross-entropy, from the uniform 1/P (the logit average).
+        Each member's logits of the copies are computed once, against its own clean-support
+        prototypes and head, so the fit costs P backbone passes over the copies."""
+        h, P = self.hyper, len(self.pool)
+        generator = torch_generator(self.seed, index, "linear")
+        copies = torch.cat([augment_support(self.backbone, xs, generator)
+                            for _ in range(h.linear_copies)])
+        logits = []
+        for p, head in enumerate(self.pool.heads):
+            self.use_member(p)
+            logits.append(head(self.embed(copies), protos[p]))
+        self._use(None)
+        stacked, labels = torch.stack(logits).float(), ys.repeat(h.linear_copies)
+        weights = torch.full((P,), 1.0 / P, device=self.device, requires_grad=True)
+        optimizer = torch.optim.Adam([weights], lr=h.linear_lr)
+        with torch.enable_grad():
+            for _ in range(h.linear_steps):
+                loss = F.cross_entropy(combine_logits(stacked, weights), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        return weights.detach()
 
 
 # -- building a method from files -----------------------------------------------------------------
@@ -458,12 +501,13 @@ def _pool_method(entry: MethodEntry, model: Path, hyper: Hyper, device: torch.de
 def _frozen_method(entry: MethodEntry, model: Path, device: torch.device, amp: bool, seed: int,
                    backbone_checkpoint: Path | None) -> FrozenMethod:
     stored = load_tagged(Path(model), MODEL_FORMAT)
-    wanted = ("lora", "amt") if entry.trained == "lora" else (entry.trained,)
+    trainer = TRAINED[entry.trained].trainer  # amt_single: an amt model file
+    wanted = ("lora", "amt") if trainer == "lora" else (trainer,)
     if stored.get("method") not in wanted:
         raise CheckpointError(f"{model}: a {stored.get('method')!r} model file; method "
                               f"{entry.name} needs a {' or '.join(wanted)} model file")
     backbone, head = load_trained(Path(model), backbone_checkpoint, device)
-    if entry.trained == "lora":
+    if trainer != "pm":
         merge(backbone.vit)  # the adapter merged once: a plain frozen backbone from here on
     return FrozenMethod(backbone, head, device, amp, seed, stored["backbone"])
 

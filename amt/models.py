@@ -25,7 +25,8 @@ def load_trained(path: Path, backbone_checkpoint: Path | None = None,
                  device: torch.device | str = "cpu") -> tuple[Backbone, ProtoHead]:
     """A meta-tuned model.pt as (backbone, head). lora/amt files are applied (unmerged) to the
     backbone file recorded in them, or to ``backbone_checkpoint``, which must have the same
-    contents (SHA-256) as the file they were trained on; position embeddings as recorded."""
+    contents (SHA-256) as the file they were trained on, on the residual recorded (SVD, or W
+    itself for the standard LoRA initialisation); position embeddings as recorded."""
     obj = load_tagged(Path(path), MODEL_FORMAT)
     if obj["method"] not in TRAINERS:
         raise CheckpointError(f"{path}: a {obj['method']!r} model file has no ProtoNet head")
@@ -39,7 +40,7 @@ def load_trained(path: Path, backbone_checkpoint: Path | None = None,
             raise CheckpointError(f"{path}: its adapters were trained on a backbone file with "
                                   f"SHA-256 {obj['backbone_sha256']}, {base} differs")
         backbone = build_backbone(obj["backbone"], base, obj["image_size"], pos_embed=pos_embed)
-        inject_lora(backbone.vit, obj["rank"], obj["targets"])
+        inject_lora(backbone.vit, obj["rank"], obj["targets"], obj.get("residual", "svd"))
         load_lora_state(backbone.vit, LoRAState.from_tensors(obj["lora"]))
     head = ProtoHead()
     head.load_state_dict(obj["head"])

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import shlex
 from collections import Counter
+from dataclasses import fields
 from fractions import Fraction
 
-from amt.registry import EPISODE_KINDS, METHODS, TRAINED, parse_budget
+from amt.errors import UserError
+from amt.registry import EPISODE_KINDS, METHODS, SWEEPS, TRAINED, parse_budget, sweep_of
 from amt.specs import (
     FIXED_HYPER,
     EpisodesConfig,
@@ -134,6 +136,31 @@ class Plan:
     def domains(self) -> list[str]:
         return list(self.config["domains"])
 
+    def expand(self, names: list[str]) -> list[str]:
+        """The names with each sweep family (amt_lambda) replaced by the names its values
+        generate (amt_lambda_1, amt_lambda_3, ...: train.amt.<its key>)."""
+        return [n for name in names for n in (self.sweep_names(name) if name in SWEEPS
+                                              else [name])]
+
+    def sweep_names(self, family: str) -> list[str]:
+        sweep = SWEEPS[family]
+        key = f"train.amt.{sweep.key}"
+        if sweep.key not in self.amt:
+            raise UserError(f"{key}: {family} needs the list of {sweep.field} values it trains "
+                            "one pool each for")
+        default = next(f.default for f in fields(TrainConfig) if f.name == sweep.field)
+        main = self.amt.get(sweep.field, default)
+        if main in self.amt[sweep.key]:
+            raise UserError(f"{key}: {main} is train.amt.{sweep.field} (AMT's own pool, the "
+                            "table's reference row): leave it out of the sweep")
+        names = [sweep.name(float(v)) for v in self.amt[sweep.key]]
+        unnamed = [v for v, n in zip(self.amt[sweep.key], names, strict=True)
+                   if sweep_of(n) != (sweep, float(v))]
+        if unnamed:
+            raise UserError(f"{key}: values {unnamed} have no method name {sweep.pattern!r} "
+                            "(expected 0 or values >= 1e-4 with at most 6 significant digits)")
+        return names
+
     @property
     def seeds(self) -> list[int]:
         """The training seeds: every trained model, pool member, selection and evaluation runs
@@ -145,11 +172,20 @@ class Plan:
 
     @property
     def trained_pooled(self) -> list[str]:
-        return [t for t in self.train["methods"] if TRAINED[t].pooled]
+        return [t for t in self.expand(self.train["methods"]) if TRAINED[t].pooled]
 
     @property
     def trained_baselines(self) -> list[str]:
-        return [t for t in self.train["methods"] if not TRAINED[t].pooled]
+        return [t for t in self.expand(self.train["methods"]) if not TRAINED[t].pooled]
+
+    @property
+    def evaluated_methods(self) -> list[str]:
+        return self.expand(self.evaluate["methods"])
+
+    def pool_strategies(self, trained: str) -> tuple[str, ...]:
+        """amt's pools: one per configured strategy; a trained ablation's: AMT's own
+        (separate), the one every paired difference compares with."""
+        return self.strategies if trained == "amt" else DEFAULT_STRATEGIES
 
     def _run_options(self) -> dict:
         return {"device": self.config["device"]} if "device" in self.config else {}
@@ -241,16 +277,32 @@ class Plan:
 
     def _train_spec(self, backbone: str, setting: str, trained: str, **fields: object
                     ) -> TrainConfig:
-        run = {k: self.train[k] for k in RUN_KEYS if k in self.train}
-        run |= self.train.get("overrides", {}).get(trained, {})
+        run = {k: self.train[k] for k in RUN_KEYS if k in self.train} | self._overrides(trained)
         return TrainConfig(method=TRAINED[trained].trainer, backbone=backbone,
                            backbone_checkpoint=self.backbone_checkpoint(backbone),
                            setting=self.config["settings"][self.train_setting(setting)], **run,
                            **self._pos_embed(backbone), **self._run_options(), **fields)
 
+    def _overrides(self, trained: str) -> dict:
+        """train.overrides of a run: amt's for every run of the amt trainer (the ablations
+        share AMT's run keys), then its own (a sweep's under its family name)."""
+        overrides, found = self.train.get("overrides", {}), sweep_of(trained)
+        names = ["amt"] * (TRAINED[trained].trainer == "amt") + \
+            [found[0].family if found else trained]
+        return {k: v for name in dict.fromkeys(names) for k, v in overrides.get(name, {}).items()}
+
+    def _tuning(self, trained: str) -> dict:
+        """train.amt's member keys and the trained variant's switches over them."""
+        return {k: self.amt[k] for k in MEMBER_KEYS if k in self.amt} | \
+            dict(TRAINED[trained].switches)
+
     def baseline_spec(self, backbone: str, setting: str, trained: str, seed: int | None = None
                       ) -> TrainConfig:
-        return self._train_spec(backbone, setting, trained, seed=self._seed(seed))
+        """pm and lora; amt_single: an amt run at train.amt.single_budget (TrainConfig's
+        budget when unset) with train.amt's keys."""
+        single = {"budgets": [self.amt["single_budget"]]} if "single_budget" in self.amt else {}
+        extra = {**self._tuning(trained), **single} if TRAINED[trained].single_budget else {}
+        return self._train_spec(backbone, setting, trained, seed=self._seed(seed), **extra)
 
     def member_spec(self, backbone: str, setting: str, trained: str, strategy: str,
                     member: int, seed: int | None = None) -> TrainConfig:
@@ -267,8 +319,8 @@ class Plan:
             seed += MEMBER_SEED_STRIDE * member
         else:
             budgets, seed = list(self.budgets), seed + MEMBER_SEED_STRIDE * member
-        tuning = {k: self.amt[k] for k in MEMBER_KEYS if k in self.amt}
-        return self._train_spec(backbone, setting, trained, seed=seed, budgets=budgets, **tuning)
+        return self._train_spec(backbone, setting, trained, seed=seed, budgets=budgets,
+                                **self._tuning(trained))
 
     def pool_members(self, backbone: str, setting: str, trained: str, strategy: str,
                      seed: int | None = None) -> list[str]:
@@ -318,10 +370,15 @@ class Plan:
         return path("pool", strategy=entry.strategy, **where) if entry.pooled else \
             path("model", **where)
 
+    def grid(self, method: str) -> dict | list | None:
+        """A method's grid: its own, or its sweep family's (amt_lambda's for amt_lambda_3)."""
+        grids, found = self.evaluate.get("grids", {}), sweep_of(method)
+        return grids.get(method, grids.get(found[0].family) if found else None)
+
     def selection(self, backbone: str, setting: str, domain: str, method: str,
                   seed: int | None = None) -> str | None:
         """Its selection file, for a method with test-time hyperparameters and a grid."""
-        if method not in self.evaluate.get("grids", {}):
+        if self.grid(method) is None:
             return None
         return path("selection", backbone=backbone, setting=setting, seed=self._seed(seed),
                     domain=domain, method=method)
@@ -346,7 +403,7 @@ class Plan:
             method=method, model=self.trained_artefact(backbone, setting, method, seed),
             store=path("store", domain=domain),
             episodes=path("episodes", domain=domain, kind="valid", setting=setting),
-            grid=self.evaluate["grids"][method],
+            grid=self.grid(method),
             out=self.selection(backbone, setting, domain, method, seed),
             base_selection=self.base_selection(backbone, setting, domain, method, seed),
             seed=seed, **fixed, **self._image_options(domain),
@@ -377,7 +434,7 @@ class Plan:
         return [{"backbone": b, "setting": s, "seed": seed, "domain": d, "method": m}
                 for b in self.train["backbones"] for s in self.evaluate["settings"]
                 for seed in self.seeds for d in self.evaluate["targets"]
-                for m in self.evaluate["methods"]
+                for m in self.evaluated_methods
                 if not METHODS[m].released or (self.release_checkpoint(b, s)
                                                and seed == self.seeds[0])]
 
@@ -400,7 +457,8 @@ class Plan:
     def pools(self) -> list[dict[str, object]]:
         return [{"backbone": b, "setting": s, "seed": seed, "trained": t, "strategy": st}
                 for b in self.train["backbones"] for s in self.train["settings"]
-                for seed in self.seeds for t in self.trained_pooled for st in self.strategies]
+                for seed in self.seeds for t in self.trained_pooled
+                for st in self.pool_strategies(t)]
 
     def members(self) -> list[dict[str, object]]:
         return [{**pool, "member": i} for pool in self.pools() for i in range(len(self.budgets))]

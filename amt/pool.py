@@ -1,8 +1,9 @@
 """The robust LoRA pool: P adapters meta-tuned on one backbone file, stored as one artefact.
 
-All members share the SVD residual W_res of the backbone file they were trained on (the SVD is
-deterministic, see ``amt.lora``), so the pool file holds the backbone *reference* once (name,
-file, SHA-256, image size, position-embedding mode, rank, targets) and, per member, its
+All members share the residual W_res of the backbone file they were trained on (the SVD is
+deterministic, see ``amt.lora``; with the standard LoRA initialisation W_res is W itself), so
+the pool file holds the backbone *reference* once (name, file, SHA-256, image size,
+position-embedding mode, rank, targets) and, per member, its
 adapters, its ProtoNet head, its training budgets (what it actually trained with: one fixed
 budget, or the several it drew from per episode; none for plain lora or with APQ off) and
 training configuration.
@@ -109,10 +110,15 @@ def assemble_pool(config: PoolConfig) -> Path:
             raise CheckpointError(f"{path}: differs from {paths[0]} in {differing} "
                                   "(first value: the first member's); pool members must share "
                                   "one backbone file, rank, targets and image size")
+    # members written before the key: SVD residuals
+    residuals = {str(p): o.get("residual", "svd") for p, o in zip(paths, objs, strict=True)}
+    if len(set(residuals.values())) > 1:
+        raise CheckpointError(f"members were trained on different residuals {residuals} (SVD "
+                              "and standard LoRA initialisations): one pool needs one W_res")
     members = [{"source": str(p), "source_sha256": sha256(p), "method": o["method"],
                 "budgets": _budgets(o), "config": o.get("config", {}), "lora": o["lora"],
                 "head": o["head"]} for p, o in zip(paths, objs, strict=True)]
-    return write_pool(reference, members, strategy, Path(out))
+    return write_pool(reference, members, strategy, Path(out), residuals[str(paths[0])])
 
 
 def write_pool(reference: dict, members: list[dict], strategy: str, out: Path,

@@ -15,7 +15,8 @@ family is one ``BackboneEntry``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 from amt.errors import UserError
@@ -52,6 +53,13 @@ OPTIMIZERS = ("sgd", "adamw")
 # cosine as the AMT release steps it (before each epoch); _after: as PMF steps it (after each)
 SCHEDULES = ("cosine_episode", "cosine_epoch_timm", "cosine_epoch_timm_after")
 KEEP = ("best", "last")  # the epoch whose weights a run writes: best validation accuracy, or last
+# What APSV perturbs: the adapters' factors A and B (AMT: their SVD initialisation makes this a
+# perturbation of singular values and vectors), or the weight's delta B A as one weight-space
+# tensor (the paper's weight-space ablation)
+APSV_SPACES = ("factors", "weight")
+# How the adapters start: the top-r SVD of W (W_res = W - B A), or the usual LoRA initialisation
+# (peft's: A Kaiming-uniform, B zero, W_res = W)
+LORA_INITS = ("svd", "standard")
 # APSV's rescaling unit: a layer's A (and B) over all its output blocks (the release's fused qkv
 # tensors), or each block's adapter tensor
 APSV_RESCALE = ("layer", "block")
@@ -93,18 +101,98 @@ POOL_STRATEGIES = ("separate", "uniform", "random")  # how a pool's members get 
 @dataclass(frozen=True)
 class TrainedEntry:
     """A meta-tuning run: ``trainer`` is the algorithm of ``python -m amt train --method``;
-    a pooled entry trains one member per budget and is assembled into one pool per strategy."""
+    a pooled entry trains one member per budget and is assembled into one pool per strategy.
+    ``switches``: the TrainConfig fields this variant sets over train.amt's (an ablation).
+    ``single_budget``: one run at train.amt.single_budget instead of a pool."""
 
     name: str
     trainer: str
     pooled: bool = False
+    switches: tuple[tuple[str, object], ...] = ()
+    single_budget: bool = False
 
 
-TRAINED: dict[str, TrainedEntry] = {e.name: e for e in (
+class Names(dict):
+    """A registry table that also holds the names a sweep generates (``amt_lambda_3``): looked
+    up, they resolve to their family's entry made concrete (``Sweep.entry``); iterated, only
+    the written names appear."""
+
+    def __missing__(self, name: str) -> object:
+        found = sweep_of(name)
+        if found is None or found[0].family not in self:
+            raise KeyError(name)
+        sweep, value = found
+        return sweep.entry(dict.__getitem__(self, sweep.family), name, value)
+
+    def __contains__(self, name: object) -> bool:
+        if super().__contains__(name):
+            return True
+        found = isinstance(name, str) and sweep_of(name)
+        return bool(found) and super().__contains__(found[0].family)
+
+    def pattern(self, keep=lambda entry: True) -> str:
+        """A regex alternation of the names whose entries ``keep`` accepts, each sweep's
+        generated names included (Snakemake's wildcard constraints)."""
+        names = [re.escape(n) for n, e in self.items() if keep(e) and n not in SWEEPS]
+        names += [s.pattern for s in SWEEPS.values()
+                  if s.family in self and keep(dict.__getitem__(self, s.family))]
+        return "|".join(names)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A family of trained variants, one per value of the list ``train.amt.<key>``: the family
+    name (in train.methods, evaluate.methods and evaluate.grids) stands for the generated names
+    ``<family>_<value>`` (a decimal point written p: amt_lambda_0p5), each a pool trained with
+    TrainConfig ``field`` at that value and evaluated as the family's method."""
+
+    family: str
+    key: str
+    field: str
+    label: str  # a generated method's row label, formatted with its value
+
+    @property
+    def pattern(self) -> str:
+        return rf"{re.escape(self.family)}_[0-9]+(?:p[0-9]+)?"
+
+    def name(self, value: float) -> str:
+        return f"{self.family}_{value:g}".replace(".", "p")
+
+    def entry(self, family_entry: object, name: str, value: float) -> object:
+        if isinstance(family_entry, TrainedEntry):
+            return replace(family_entry, name=name,
+                           switches=family_entry.switches + ((self.field, value),))
+        return replace(family_entry, name=name, trained=name,
+                       label=self.label.format(value=value))
+
+
+SWEEPS: dict[str, Sweep] = {s.family: s for s in (
+    Sweep("amt_lambda", "lambda_adv_sweep", "lambda_adv", "AMT (λ_adv = {value:g})"),
+)}
+
+
+def sweep_of(name: str) -> tuple[Sweep, float] | None:
+    """(its sweep, its value) for a generated name, else None."""
+    for sweep in SWEEPS.values():
+        if re.fullmatch(sweep.pattern, name):
+            return sweep, float(name[len(sweep.family) + 1:].replace("p", "."))
+    return None
+
+
+_AMT = "amt"
+TRAINED: Names = Names({e.name: e for e in (
     TrainedEntry("pm", "pm"),
     TrainedEntry("lora", "lora"),
-    TrainedEntry("amt", "amt", pooled=True),
-)}
+    TrainedEntry(_AMT, _AMT, pooled=True),
+    # The paper's trained ablations: pools (separate strategy) with one part switched off or
+    # changed, and one adversarial LoRA without a pool (RLP off)
+    TrainedEntry("amt_no_apq", _AMT, pooled=True, switches=(("apq", False),)),
+    TrainedEntry("amt_no_apsv", _AMT, pooled=True, switches=(("apsv", False),)),
+    TrainedEntry("amt_weight_space", _AMT, pooled=True, switches=(("apsv_space", "weight"),)),
+    TrainedEntry("amt_standard_init", _AMT, pooled=True, switches=(("lora_init", "standard"),)),
+    TrainedEntry("amt_lambda", _AMT, pooled=True),  # a sweep: SWEEPS["amt_lambda"]
+    TrainedEntry("amt_single", _AMT, single_budget=True),
+)})
 TRAINERS = ("pm", "lora", "amt")
 
 # -- the authors' released pool (imported, not trained) -------------------------------------------
@@ -118,7 +206,8 @@ RELEASE_PUBLISHED = ("https://github.com/xyang583/AMT/tree/main/checkpoints (the
 MERGE_KEYS = ("beta", "gamma", "top_k")
 STR_KEYS = ("str_layers", "str_ratio")
 FINETUNE_KEYS = ("lr",)
-COMBINE = ("ttm", "uniform", "logits")  # scored top-k merge, 1/P merge, average of logits
+# scored top-k merge, 1/P merge, average of logits, a linear classifier over the members' logits
+COMBINE = ("ttm", "uniform", "logits", "linear")
 
 
 @dataclass(frozen=True)
@@ -126,10 +215,10 @@ class MethodEntry:
     """A test-time method: which trained artefact it reads and how it adapts to an episode.
 
     ``trained``: a ``TRAINED`` name, or ``RELEASE`` for the authors' pool imported from their
-    checkpoint. kind 'frozen': a model file (pm, lora) used as it is; kind 'pool': a LoRA pool
-    combined by ``combine`` (with ``top_k`` fixed or selected), trimmed by STr if ``trim``.
-    ``finetune``: PMF's test-time fine-tuning on top. ``base``: the method whose selection it
-    starts from."""
+    checkpoint. kind 'frozen': a model file (pm, lora, amt_single) used as it is; kind 'pool':
+    a LoRA pool combined by ``combine`` (with ``top_k`` fixed or selected), trimmed by STr if
+    ``trim``. ``finetune``: PMF's test-time fine-tuning on top. ``base``: the method whose
+    selection it starts from."""
 
     name: str
     label: str
@@ -154,7 +243,7 @@ class MethodEntry:
     @property
     def merges(self) -> bool:
         """Its episode model holds merged LoRA weights (their spectra are an output)."""
-        return self.trained != "pm" and self.combine != "logits"
+        return self.trained != "pm" and self.combine not in ("logits", "linear")
 
     @property
     def tuned(self) -> tuple[str, ...]:
@@ -166,11 +255,17 @@ class MethodEntry:
         return keys + (STR_KEYS if self.trim else ()) + (FINETUNE_KEYS if self.finetune else ())
 
 
-def _pool(name: str, label: str, combine: str, **kw: object) -> MethodEntry:
-    return MethodEntry(name, label, "amt", "pool", combine=combine, **kw)
+def _pool(name: str, label: str, combine: str, trained: str = _AMT, **kw: object
+          ) -> MethodEntry:
+    return MethodEntry(name, label, trained, "pool", combine=combine, **kw)
 
 
-METHODS: dict[str, MethodEntry] = {e.name: e for e in (
+def _ablation(name: str, label: str) -> MethodEntry:
+    """AMT's test-time merging (TTM, STr) over the pool of the trained variant ``name``."""
+    return _pool(name, label, "ttm", trained=name, trim=True)
+
+
+METHODS: Names = Names({e.name: e for e in (
     MethodEntry("pm", "PM", "pm"),
     MethodEntry("pmf", "PMF", "pm", finetune=True),
     MethodEntry("lora", "LoRA", "lora"),
@@ -181,6 +276,15 @@ METHODS: dict[str, MethodEntry] = {e.name: e for e in (
     _pool("amt_weight_avg", "weight average", "uniform", trim=True),
     _pool("amt_logit_avg", "logit average", "logits"),
     _pool("amt_single_best", "single best LoRA", "ttm", trim=True, top_k=1),
+    _pool("amt_linear", "linear classifier", "linear"),
+    # the trained ablations (TRAINED): AMT's merging over each variant's pool; amt_single's
+    # one adversarial LoRA as a frozen model (no pool, nothing to merge)
+    _ablation("amt_no_apq", "AMT w/o APQ"),
+    _ablation("amt_no_apsv", "AMT w/o APSV"),
+    _ablation("amt_weight_space", "AMT, weight-space perturbation"),
+    _ablation("amt_standard_init", "AMT, standard LoRA init"),
+    _ablation("amt_lambda", "AMT, λ_adv sweep"),  # evaluates each amt_lambda_<v>
+    MethodEntry("amt_single", "AMT w/o RLP (one LoRA)", "amt_single"),
     # AMT on the pools of the other strategies (train.amt.pool_strategies): the pool ablation
     _pool("amt_pool_uniform", "uniform pool", "ttm", trim=True, strategy="uniform"),
     _pool("amt_pool_random", "random pool", "ttm", trim=True, strategy="random"),
@@ -188,7 +292,7 @@ METHODS: dict[str, MethodEntry] = {e.name: e for e in (
     # release's router (AMT: models/protonet_merge.py:153), STr selected like amt's.
     MethodEntry("amt_release", "AMT (authors' release)", RELEASE, "pool", combine="ttm",
                 trim=True, top_k=2),
-)}
+)})
 
 
 # -- backbones ------------------------------------------------------------------------------------

@@ -23,12 +23,14 @@ from amt.errors import UserError
 from amt.registry import (
     APSV_LOSS_SUPPORT,
     APSV_RESCALE,
+    APSV_SPACES,
     ATTACKS,
     AVERAGE_CIS,
     CORRUPTIONS,
     EPISODE_KINDS,
     KEEP,
     KL_DIRECTIONS,
+    LORA_INITS,
     LORA_TARGETS,
     NORMS,
     OPTIMIZERS,
@@ -160,15 +162,19 @@ class Hyper:
     str_ratio: float = 1.0  # rho
     lr: float = 0.0  # test-time fine-tuning (pmf, amt_ft); 0 = none
     ft_steps: int = 50
+    # amt_linear's classifier over the members' logits: Adam steps and rate, support copies
+    linear_steps: int = 100
+    linear_lr: float = 0.01
+    linear_copies: int = 4
     # Fixed, not selected (set by the config's evaluate section, recorded with the selection):
     str_solver: str = "exact"  # a registry.STR_SOLVERS name
     score_precision: str = "fp32"  # TTM's member scoring: a registry.SCORE_PRECISIONS name
 
     def __post_init__(self) -> None:
-        _numbers(self, 0, "beta", "lr")
+        _numbers(self, 0, "beta", "lr", "linear_lr")
         _expect(self, _is_number(self.gamma, 0) and self.gamma <= 1, "gamma", "a number in [0, 1]")
-        _ints(self, 1, "top_k")
-        _ints(self, 0, "ft_steps")
+        _ints(self, 1, "top_k", "linear_copies")
+        _ints(self, 0, "ft_steps", "linear_steps")
         _choice(self, "str_layers", STR_LAYERS)
         _choice(self, "str_solver", STR_SOLVERS)
         _choice(self, "score_precision", SCORE_PRECISIONS)
@@ -276,6 +282,7 @@ class TrainConfig:
     keep: str = "last"  # 'best' (the best validation epoch) needs validation episodes
     rank: int = 8
     targets: tuple[str, ...] = LORA_TARGETS
+    lora_init: str = "svd"  # a registry.LORA_INITS name; standard: amt_standard_init's
     # APQ's l_inf radii in [0, 1] pixels: one is fixed; with several, each episode draws one
     # (uniformly, from the run seed and the episode index: the 'random' pool strategy).
     budgets: tuple[float, ...] = (8 / 255,)
@@ -287,6 +294,7 @@ class TrainConfig:
     apsv: bool = True
     awp_gamma: float = 5e-3
     apsv_rescale: str = "layer"  # a registry.APSV_RESCALE name; the release: layer
+    apsv_space: str = "factors"  # a registry.APSV_SPACES name; weight: amt_weight_space's
     apsv_detach_support: bool = True  # the ascent's support embeddings detached (the release)
     apsv_loss_support: str = "unperturbed"  # a registry.APSV_LOSS_SUPPORT name; the release
     lambda_adv: float = 6.0
@@ -307,7 +315,8 @@ class TrainConfig:
         backbone_entry(self.backbone)
         for key, names in (("pos_embed", POS_EMBEDS), ("kl_direction", KL_DIRECTIONS),
                            ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("keep", KEEP),
-                           ("apsv_rescale", APSV_RESCALE),
+                           ("apsv_rescale", APSV_RESCALE), ("apsv_space", APSV_SPACES),
+                           ("lora_init", LORA_INITS),
                            ("apsv_loss_support", APSV_LOSS_SUPPORT)):
             _choice(self, key, names)
         _ints(self, 1, "image_size", "epochs", "episodes_per_epoch", "rank", "checkpoint_every",

@@ -7,7 +7,9 @@ One entry point, ``train``; the method is a config choice:
 - ``amt``: as lora, adversarially: APQ attacks the queries (l_inf PGD maximising the KL between
   clean and attacked predictions), APSV perturbs the adapters AWP-style, and the loss is
   CE(clean) + lambda_adv * mean KL (direction ``kl_direction``; the release's KL(p_clean ||
-  p_adv)). Either part can be switched off (ablations).
+  p_adv)). Either part can be switched off, APSV can perturb the weight-space delta B A instead
+  of the factors (``apsv_space``) and the adapters can start as the usual LoRA instead of the
+  SVD (``lora_init``): the paper's ablations.
 
 Episodes are taken by index from a map-style dataset, so a run killed after its checkpoint at
 episode k restarts at episode k and, on the CPU, ends with exactly the weights of an
@@ -64,7 +66,16 @@ from amt.checkpoints import (
     write_json_atomic,
 )
 from amt.errors import UserError
-from amt.lora import adapter_parameters, get_state, inject_lora, lora_layers
+from amt.lora import (
+    RESIDUAL_OF_INIT,
+    LoRALinear,
+    adapter_delta,
+    adapter_parameters,
+    get_state,
+    inject_lora,
+    lora_layers,
+    standard_init,
+)
 from amt.protonet import ProtoHead, prototypes
 from amt.registry import TRAINERS, backbone_entry
 from amt.schedule import episode_lr
@@ -124,7 +135,10 @@ class MetaTuner:
                                        pos_embed=config.pos_embed)
         self.head = ProtoHead()
         if config.method != "pm":
-            inject_lora(self.backbone.vit, config.rank, config.targets)  # SVD on the CPU
+            inject_lora(self.backbone.vit, config.rank, config.targets,  # SVD on the CPU
+                        RESIDUAL_OF_INIT[config.lora_init])
+            if config.lora_init == "standard":
+                standard_init(self.backbone.vit)
             self.head.bias.requires_grad_(False)
         self.backbone.to(device).train()
         self.head.to(device)
@@ -247,27 +261,51 @@ class MetaTuner:
         the unit's norm (AWP's proxy step, whose learning rate cancels in the rescaling), added
         times awp_gamma. The ascent's support embeddings are ``support`` detached
         (apsv_detach_support, the release), else the loss's own. One extra forward-backward.
+        ``apsv_space`` says what is perturbed: the factors A and B (the release), or each
+        layer's weight W = W_res + blockdiag(B_j A_j), through its residual buffer, along
+        dL/dW and rescaled to the norm of the adapters' delta B A (``_steps``).
         Returns (tensor, its unperturbed value) pairs."""
         cfg = self.config
         if cfg.apsv_detach_support:
             support = support.detach()
         elif not cfg.loss_support_unperturbed:
             support = None  # embedded with the queries, with its graph
-        loss, _ = self.loss(xs, ys, xq, yq, x_adv, n_way, support)
-        units = self._rescaling_units()
-        tensors = [t for unit in units for t in unit]
-        # the final loss reuses an attached support's graph
-        grads = iter(torch.autograd.grad(loss, tensors,
-                                         retain_graph=support is not None and
-                                         support.requires_grad))
+        weight_space = cfg.apsv_space == "weight"
+        layers = list(lora_layers(self.backbone.vit).values())
+        tensors = [layer.residual for layer in layers] if weight_space else \
+            [t for unit in self._rescaling_units() for t in unit]
+        with _requiring_grad(tensors if weight_space else []):
+            loss, _ = self.loss(xs, ys, xq, yq, x_adv, n_way, support)
+            # the final loss reuses an attached support's graph
+            grads = torch.autograd.grad(loss, tensors, retain_graph=support is not None and
+                                        support.requires_grad)
         saved = [(t, t.detach().clone()) for t in tensors]
         with torch.no_grad():
-            for unit in units:
-                directions = [next(grads) for _ in unit]
-                scale = _norm(unit) / (_norm(directions) + _AWP_EPS)
-                for t, d in zip(unit, directions, strict=True):
+            for targets, directions, references in self._steps(layers, grads):
+                scale = _norm(references) / (_norm(directions) + _AWP_EPS)
+                for t, d in zip(targets, directions, strict=True):
                     t.add_(d * scale, alpha=cfg.awp_gamma)
         return saved
+
+    def _steps(self, layers: list[LoRALinear], grads: Sequence[Tensor]
+               ) -> list[tuple[list[Tensor], list[Tensor], list[Tensor]]]:
+        """APSV's units as (tensors perturbed, their ascent directions, the tensors whose norm
+        the step takes). Factors: each unit of ``_rescaling_units``, rescaled to its own norm.
+        Weight space: a layer's residual along dL/dW, rescaled to the norm of its adapters'
+        delta B A: one unit per layer ('layer': the fused q/k/v blocks together, as the
+        factors' unit) or per output block ('block')."""
+        if self.config.apsv_space == "factors":
+            units, found = self._rescaling_units(), iter(grads)
+            return [(unit, [next(found) for _ in unit], unit) for unit in units]
+        steps = []
+        for layer, grad in zip(layers, grads, strict=True):
+            parts = (layer.residual, grad, adapter_delta(layer))
+            if self.config.apsv_rescale == "block":
+                steps += [([r], [g], [d]) for r, g, d in
+                          zip(*(t.split(layer.rows) for t in parts), strict=True)]
+            else:
+                steps.append(tuple([t] for t in parts))
+        return steps
 
     def _rescaling_units(self) -> list[list[nn.Parameter]]:
         """APSV's units: each adapter tensor ('block'), or a layer's A and its B over all its
@@ -323,8 +361,20 @@ class MetaTuner:
             content["backbone_state"] = cpu_state(self.backbone.vit.state_dict())
         else:
             content.update(lora=cpu_state(get_state(self.backbone.vit).to_tensors()), rank=cfg.rank,
-                           targets=list(cfg.targets))
+                           targets=list(cfg.targets), residual=RESIDUAL_OF_INIT[cfg.lora_init])
         return content
+
+
+@contextlib.contextmanager
+def _requiring_grad(tensors: Sequence[Tensor]) -> Iterator[None]:
+    """Frozen tensors (LoRA residual buffers) made to require grad for one backward."""
+    for t in tensors:
+        t.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for t in tensors:
+            t.requires_grad_(False)
 
 
 def _accuracy(logits: Tensor, labels: Tensor) -> float:

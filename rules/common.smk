@@ -19,16 +19,17 @@ WILDCARDS = {
     "kind": "|".join(EPISODE_KINDS),
     "source": "|".join(sorted(FETCHED)),
     "backbone": "|".join(config["backbones"]),
-    "trained": "|".join(TRAINED),
+    "trained": TRAINED.pattern(),
     "strategy": "|".join(POOL_STRATEGIES),
     "member": "[0-9]+",
     "seed": "[0-9]+",
-    "method": "|".join(METHODS),
+    "method": METHODS.pattern(),
 }
-BASELINES = "|".join(name for name, entry in TRAINED.items() if not entry.pooled)
-POOLED = "|".join(name for name, entry in TRAINED.items() if entry.pooled)
-MERGING = "|".join(name for name, entry in METHODS.items() if entry.merges)
-NOT_MERGING = "|".join(name for name, entry in METHODS.items() if not entry.merges)
+# the registry's names, and the names its sweeps generate (amt_lambda_3)
+BASELINES = TRAINED.pattern(lambda entry: not entry.pooled)
+POOLED = TRAINED.pattern(lambda entry: entry.pooled)
+MERGING = METHODS.pattern(lambda entry: entry.merges)
+NOT_MERGING = METHODS.pattern(lambda entry: not entry.merges)
 
 
 def evaluation(wildcards):

@@ -137,9 +137,11 @@ def make_episodes(store_path: Path, out: Path, count: int = 2, ways: int = 5, sh
 BENCHMARKS = {"builtin": ["glyphs", "mnist", "digits", "animals"],
               "bscd": ["src", "eurosat", "isic", "chestx"]}
 METHODS = {"pm": 0.0, "lora": 0.03, "amt": 0.08, "amt_no_ttm": 0.05, "amt_weight_avg": 0.04,
-           "amt_pool_uniform": 0.06, "amt_release": 0.07}
+           "amt_pool_uniform": 0.06, "amt_release": 0.07, "amt_lambda_3": 0.07,
+           "amt_lambda_0p5": 0.02, "amt_weight_space": 0.06}
 ROBUST = {"pm": 0.2, "lora": 0.3, "amt": 0.8, "amt_no_ttm": 0.7, "amt_weight_avg": 0.6,
-          "amt_pool_uniform": 0.75, "amt_release": 0.7}
+          "amt_pool_uniform": 0.75, "amt_release": 0.7, "amt_lambda_3": 0.7,
+          "amt_lambda_0p5": 0.4, "amt_weight_space": 0.6}
 CONDITIONS = [("none", "none", 0.0), ("pgd", "linf", 2 / 255), ("pgd", "linf", 4 / 255),
               ("gaussian_noise", "corruption", 1.0), ("gaussian_noise", "corruption", 3.0),
               ("contrast", "corruption", 1.0), ("contrast", "corruption", 3.0)]
@@ -154,7 +156,8 @@ def _accuracy(base: float, method: str, condition: tuple, rng: np.random.Generat
 
 
 def synthetic_results(episodes: int = 10, seed: int = 0) -> pd.DataFrame:
-    """2 benchmarks x 4 domains (the first in-domain), 7 methods, 2 settings, 7 conditions."""
+    """2 benchmarks x 4 domains (the first in-domain), 10 methods (two of the amt_lambda
+    sweep), 2 settings, 7 conditions."""
     rng = np.random.default_rng(seed)
     rows = []
     for benchmark, domains in BENCHMARKS.items():

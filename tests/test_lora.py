@@ -185,3 +185,33 @@ def test_grouped_weights_apply_one_weight_per_consecutive_group():
         torch.testing.assert_close(out[2 * g:2 * g + 2], expected)
     with pytest.raises(ValueError, match="7 cannot be split into 3 groups"):
         layer(torch.randn(7, 5, 6, dtype=layer.residual.dtype))
+
+
+@pytest.mark.parametrize("blocks", [("q", "k", "v"), ("fc1",)])
+def test_the_residual_gets_dl_dw_when_it_requires_grad(blocks):
+    """Weight-space APSV's gradient: dL/dW of W = W_res + blockdiag(B_j A_j), through the
+    hand-written backward."""
+    layer = _reference_and_layer(blocks=blocks)
+    x = torch.randn(4, 5, 6, dtype=torch.float64)
+    grad = torch.randn(4, 5, 9, dtype=torch.float64)
+    weight = (layer.residual + lora.adapter_delta(layer)).detach().requires_grad_(True)
+    torch.nn.functional.linear(x, weight, layer.bias).backward(grad)
+    layer.residual.requires_grad_(True)
+    (residual_grad,) = torch.autograd.grad(layer(x), layer.residual, grad)
+    torch.testing.assert_close(residual_grad, weight.grad)
+
+
+def test_standard_init_is_kaiming_a_zero_b_on_the_unchanged_weight(vit):
+    weights = {n: m.weight.detach().clone() for n, m in vit.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    x = torch.rand(2, 3, 32, 32)
+    before = vit(x)
+    lora.inject_lora(vit, rank=2, residual=lora.RESIDUAL_OF_INIT["standard"])
+    torch.manual_seed(0)
+    lora.standard_init(vit)
+    for name, layer in lora.lora_layers(vit).items():
+        assert torch.equal(layer.residual, weights[name])  # W_res = W
+        for a, b in layer.adapters():
+            bound = 1 / a.shape[1] ** 0.5  # Kaiming-uniform with a = sqrt(5): 1 / sqrt(fan_in)
+            assert not b.any() and a.abs().max() <= bound and a.abs().max() > bound / 2
+    torch.testing.assert_close(vit(x), before)  # B = 0: the network starts as the frozen one

@@ -13,6 +13,7 @@ from builders import colour_episode
 from amt import methods
 from amt.attacks import pgd
 from amt.augment import augment_support, diff_augment
+from amt.checkpoints import CheckpointError
 from amt.devices import torch_generator
 from amt.lora import lora_layers, merge
 from amt.methods import (
@@ -315,3 +316,62 @@ def test_mixed_precision_adapts_and_attacks(pool_dir, monkeypatch, name):
         assert float((adv - xq).abs().max()) <= 8 / 255 + 1e-6
         assert 0 <= float(adv.min()) <= float(adv.max()) <= 1
         assert adapted.classifier(adv).dtype == torch.float32
+
+
+def _members_logits(folder: Path, xs, ys, x) -> torch.Tensor:
+    """[P, n, N]: each member alone, its prototypes from the clean support."""
+    logits = []
+    for p in range(3):
+        backbone, head = _member_model(folder, p)
+        with torch.no_grad():
+            protos = torch.stack([backbone(xs)[ys == c].mean(0) for c in range(WAYS)])
+            logits.append(head(backbone(x), protos))
+    return torch.stack(logits)
+
+
+def test_amt_linear_weighs_the_members_logits_by_weights_fitted_on_the_augmented_support(
+        pool_dir):
+    xs, ys, xq, yq = colour_episode()
+    method = _pool_method(pool_dir, "amt_linear", linear_steps=30, linear_lr=0.05)
+    with method.adapt(xs, ys, 4, queries=xq) as adapted:
+        weights = adapted.classifier.weights
+        expected = torch.tensordot(weights, _members_logits(pool_dir, xs, ys, xq), dims=1)
+        torch.testing.assert_close(adapted.clean_logits, expected, atol=1e-5, rtol=1e-5)
+        x = xq.clone().requires_grad_(True)
+        F.cross_entropy(adapted.classifier(x), yq).backward()  # attacks go through the sum
+        assert x.grad is not None and x.grad.abs().sum() > 0
+    # the fit: on the augmented support's copies (seeded per episode), from uniform weights
+    generator = torch_generator(0, 4, "linear")
+    copies = torch.cat([augment_support(method.backbone, xs, generator) for _ in range(4)])
+    members = _members_logits(pool_dir, xs, ys, copies)
+
+    def loss(w: torch.Tensor) -> float:
+        return F.cross_entropy(torch.tensordot(w, members, dims=1), ys.repeat(4)).item()
+
+    uniform = torch.full((3,), 1 / 3)
+    assert not torch.allclose(weights, uniform) and loss(weights) < loss(uniform) - 1e-3
+    # no test information: the weights do not depend on the queries
+    with method.adapt(xs, ys, 4) as alone:
+        torch.testing.assert_close(alone.classifier.weights, weights)
+    # no steps: the logit average
+    average = _pool_method(pool_dir, "amt_linear", linear_steps=0)
+    with average.adapt(xs, ys, 4, queries=xq) as adapted:
+        torch.testing.assert_close(adapted.clean_logits,
+                                   _members_logits(pool_dir, xs, ys, xq).mean(0), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_amt_single_is_its_one_lora_frozen_without_a_per_episode_merge(pool_dir, monkeypatch):
+    """amt_single reads an amt model file (one adversarial LoRA) and merges it once, at load."""
+    method = load_method("amt_single", pool_dir / "member1.pt", Hyper(), CPU)
+    assert isinstance(method, FrozenMethod)
+    monkeypatch.setattr(methods, "merge", lambda *a: pytest.fail("merged per episode"))
+    xs, ys, xq, _ = colour_episode()
+    backbone, head = _member_model(pool_dir, 1)
+    with torch.no_grad():
+        protos = torch.stack([backbone(xs)[ys == c].mean(0) for c in range(WAYS)])
+        expected = head(backbone(xq), protos)
+    with method.adapt(xs, ys, 0, queries=xq) as adapted:
+        torch.testing.assert_close(adapted.clean_logits, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(CheckpointError, match="needs a amt model file"):
+        load_method("amt_single", pool_dir / "pm.pt", Hyper(), CPU)

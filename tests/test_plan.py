@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from amt.errors import UserError
 from amt.plan import MEMBER_KEYS, MEMBER_SEED_STRIDE, PATHS, RUN_KEYS, Plan, mean_budget, path
 from amt.registry import METHODS
 from amt.specs import EvalConfig, SelectConfig, StatsOptions, TrainConfig, from_json, to_json
@@ -195,13 +197,13 @@ def test_no_paper_selection_job_searches_more_points_than_the_release():
     merge = _stages(grids["amt"])[0]
     assert merge["top_k"] == [2] and (merge["beta"][0], merge["gamma"][0]) == (1.0, 0.6)
     assert _release_points({"beta": [1, 2], "gamma": [0.6], "str": ["none"] * 3}) == 5
-    assert Plan(DEFAULT).grid_sizes() == {"amt": 8}  # one stage: the product
+    assert Plan(DEFAULT).grid_sizes() == {"amt": 8, "amt_no_apq": 8}  # one stage: the product
 
 
 def test_the_summary_lists_jobs_per_rule_and_grid_points():
     summary = Plan(PAPER).summary()
-    assert summary.startswith("2462 jobs:")
-    assert re.search(r"^  select_hyperparameters +900$", summary, re.M)
+    assert summary.startswith("4406 jobs:")
+    assert re.search(r"^  select_hyperparameters +1656$", summary, re.M)
     assert re.search(r"^  draw_episodes +88$", summary, re.M)  # 16 validate training
     assert re.search(r"^  amt_ft +4$", summary, re.M) and "fetch_builtin" not in summary
 
@@ -320,3 +322,88 @@ def test_the_paper_config_takes_the_releases_training_choices():
                                                          "best")
     assert len(plan.validation_episodes("5w1s")) == 8
     assert DEFAULT["train"]["amt"]["kl_direction"] == "clean_adv"
+
+
+def _ablations(**train_amt) -> Plan:
+    """The default config training and evaluating every trained ablation."""
+    config = copy.deepcopy(DEFAULT)
+    config["train"]["amt"].update(train_amt)
+    variants = ["amt_no_apq", "amt_no_apsv", "amt_weight_space", "amt_standard_init",
+                "amt_lambda", "amt_single"]
+    config["train"]["methods"] = ["pm", "lora", "amt", *variants]
+    config["evaluate"]["methods"] = ["amt", *variants]
+    config["evaluate"]["grids"]["amt_lambda"] = config["evaluate"]["grids"]["amt"]
+    return Plan(config)
+
+
+@pytest.mark.parametrize(("trained", "switch"), [
+    ("amt_no_apq", {"apq": False}), ("amt_no_apsv", {"apsv": False}),
+    ("amt_weight_space", {"apsv_space": "weight"}),
+    ("amt_standard_init", {"lora_init": "standard"}),
+])
+def test_a_trained_ablation_is_amts_pool_with_its_one_switch(trained, switch):
+    plan = _ablations(pool_strategies=["separate", "uniform"], lambda_adv_sweep=[1])
+    assert {p["strategy"] for p in plan.pools() if p["trained"] == trained} == {"separate"}
+    for member in range(3):
+        amt = plan.member_spec("small_vit", "5w1s", "amt", "separate", member)
+        variant = plan.member_spec("small_vit", "5w1s", trained, "separate", member)
+        assert variant == dataclasses.replace(amt, **switch)  # same budgets, seeds, episodes
+    assert plan.trained_artefact("small_vit", "5w1s", trained) == \
+        f"results/models/small_vit/5w1s/seed0/{trained}_separate/pool.pt"
+
+
+def test_the_lambda_sweep_trains_and_evaluates_one_pool_per_value():
+    plan = _ablations(lambda_adv_sweep=[1, 0.5, 9])
+    names = ["amt_lambda_1", "amt_lambda_0p5", "amt_lambda_9"]
+    assert plan.trained_pooled == ["amt", "amt_no_apq", "amt_no_apsv", "amt_weight_space",
+                                   "amt_standard_init", *names]
+    specs = [plan.member_spec("small_vit", "5w5s", n, "separate", 1) for n in names]
+    assert [s.lambda_adv for s in specs] == [1.0, 0.5, 9.0]
+    amt = plan.member_spec("small_vit", "5w5s", "amt", "separate", 1)
+    assert all(s == dataclasses.replace(amt, lambda_adv=s.lambda_adv) for s in specs)
+    evaluated = {j["method"] for j in plan.evaluations()}
+    assert set(names) <= evaluated and "amt_lambda" not in evaluated
+    select = plan.select_spec("small_vit", "5w1s", "mnist", "amt_lambda_0p5")
+    assert select.grid == DEFAULT["evaluate"]["grids"]["amt"]  # the family's grid
+    assert select.model == \
+        Path("results/models/small_vit/5w1s/seed0/amt_lambda_0p5_separate/pool.pt")
+
+
+@pytest.mark.parametrize(("sweep", "message"), [
+    (None, r"train\.amt\.lambda_adv_sweep: amt_lambda needs"),
+    ([1, 6.0], r"train\.amt\.lambda_adv_sweep: 6.0 is train\.amt\.lambda_adv"),
+])
+def test_a_lambda_sweep_needs_its_values_and_leaves_out_amts_own(sweep, message):
+    plan = _ablations(**({} if sweep is None else {"lambda_adv_sweep": sweep}))
+    with pytest.raises(UserError, match=message):
+        plan.specs()
+
+
+def test_amt_single_is_one_adversarial_lora_at_its_budget_evaluated_without_a_pool():
+    plan = _ablations(lambda_adv_sweep=[1], single_budget="2/255", attack_steps=4)
+    assert {"backbone": "small_vit", "setting": "5w1s", "seed": 0, "trained": "amt_single"} in \
+        plan.baselines()
+    assert not [p for p in plan.pools() if p["trained"] == "amt_single"]
+    spec = plan.baseline_spec("small_vit", "5w1s", "amt_single")
+    assert (spec.method, spec.budgets, spec.apq, spec.apsv, spec.attack_steps) == \
+        ("amt", (2 / 255,), True, True, 4)
+    assert plan.trained_artefact("small_vit", "5w1s", "amt_single") == \
+        "results/models/small_vit/5w1s/seed0/amt_single/model.pt"
+    assert plan.selection("small_vit", "5w1s", "mnist", "amt_single") is None  # nothing tuned
+    default_budget = _ablations(lambda_adv_sweep=[1]).baseline_spec("small_vit", "5w1s",
+                                                                      "amt_single")
+    assert default_budget.budgets == TrainConfig.budgets
+
+
+def test_the_trained_ablations_take_amts_overrides_then_their_own():
+    config = copy.deepcopy(_ablations(lambda_adv_sweep=[1]).config)
+    config["train"]["overrides"] = {"amt": {"epochs": 5, "lr": 1.0e-3},
+                                    "amt_lambda": {"lr": 2.0e-3}, "lora": {"epochs": 7}}
+    plan = Plan(config)
+    specs = {t: plan.member_spec("small_vit", "5w1s", t, "separate", 0)
+             for t in ("amt", "amt_no_apq", "amt_lambda_1")}
+    specs["amt_single"] = plan.baseline_spec("small_vit", "5w1s", "amt_single")
+    assert {t: (s.epochs, s.lr) for t, s in specs.items()} == {
+        "amt": (5, 1.0e-3), "amt_no_apq": (5, 1.0e-3), "amt_lambda_1": (5, 2.0e-3),
+        "amt_single": (5, 1.0e-3)}
+    assert plan.baseline_spec("small_vit", "5w1s", "pm").epochs == DEFAULT["train"]["epochs"]

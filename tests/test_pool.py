@@ -115,3 +115,19 @@ def test_pool_files_of_the_same_members_are_byte_identical(tmp_path):
     pools = [assemble_pool(PoolConfig(members, tmp_path / f"pool{i}.pt", "separate"))
              for i in range(2)]
     assert pools[0].read_bytes() == pools[1].read_bytes()
+
+
+def test_a_standard_init_pool_is_rebuilt_on_the_unchanged_weight(tmp_path):
+    """amt_standard_init's members trained on W_res = W: the pool says so and loads it so."""
+    backbone = backbone_file(tmp_path)
+    files = [model_file(tmp_path, backbone, f"m{p}", seed=p, lora_init="standard")
+             for p in range(2)]
+    out = assemble_pool(PoolConfig(files, tmp_path / "pool.pt", "separate"))
+    assert load_tagged(out, POOL_FORMAT)["residual"] == "stored"
+    weights = torch.load(backbone, weights_only=True)
+    pool = load_pool(out)
+    for name, layer in lora_layers(pool.backbone.vit).items():
+        assert torch.equal(layer.residual, weights[f"{name}.weight"])
+    svd = model_file(tmp_path, backbone, "svd")
+    with pytest.raises(CheckpointError, match="different residuals"):
+        assemble_pool(PoolConfig([files[0], svd], tmp_path / "mixed.pt", "separate"))

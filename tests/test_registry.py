@@ -3,6 +3,7 @@ backbones: the schema, the jobs, the workflow and the report must agree with it.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import yaml
 from amt import registry
 from amt.config import REGISTRY_ENUMS, load_schema
 from amt.errors import UserError
-from amt.registry import METHODS, TRAINED, parse_budget
+from amt.registry import METHODS, SWEEPS, TRAINED, parse_budget, sweep_of
 from data_prep.sources import SOURCES
 
 ROOT = Path(__file__).parents[1]
@@ -135,3 +136,28 @@ def test_the_registry_and_the_plan_import_no_torch():
                          cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
 
+
+
+def test_a_sweeps_generated_names_resolve_to_their_familys_entries():
+    sweep = SWEEPS["amt_lambda"]
+    assert [sweep.name(v) for v in (1.0, 3, 0.5)] == ["amt_lambda_1", "amt_lambda_3",
+                                                      "amt_lambda_0p5"]
+    assert sweep_of("amt_lambda_0p5") == (sweep, 0.5) and sweep_of("amt_lambda") is None
+    trained, method = TRAINED["amt_lambda_0p5"], METHODS["amt_lambda_0p5"]
+    assert (trained.trainer, trained.pooled, dict(trained.switches)) == \
+        ("amt", True, {"lambda_adv": 0.5})
+    assert (method.trained, method.combine, method.trim, method.label) == \
+        ("amt_lambda_0p5", "ttm", True, "AMT (λ_adv = 0.5)")
+    assert "amt_lambda_3" in METHODS and "amt_lambda_x" not in METHODS
+    assert "amt_lambda_3" not in list(METHODS)  # iteration: the written names only
+    with pytest.raises(KeyError):
+        METHODS["amt_lambda_3x"]
+
+
+def test_the_wildcard_patterns_match_generated_names_and_only_their_kind():
+    pooled = TRAINED.pattern(lambda e: e.pooled)
+    assert re.fullmatch(pooled, "amt_lambda_0p5") and re.fullmatch(pooled, "amt_no_apq")
+    assert not re.fullmatch(pooled, "amt_lambda") and not re.fullmatch(pooled, "amt_single")
+    assert re.fullmatch(TRAINED.pattern(lambda e: not e.pooled), "amt_single")
+    assert re.fullmatch(METHODS.pattern(lambda e: e.merges), "amt_lambda_9")
+    assert re.fullmatch(METHODS.pattern(lambda e: not e.merges), "amt_linear")

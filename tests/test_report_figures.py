@@ -115,7 +115,8 @@ def test_eps_curves_lines_and_ci_bands(small: pd.DataFrame, palette: dict) -> No
 def test_table_bars_show_the_table_numbers(small: pd.DataFrame, palette: dict) -> None:
     figures = dict(table_bars(small, palette))
     assert set(figures) == {"ablation_builtin_dino_5w1s", "merging_builtin_dino_5w1s",
-                            "pool_builtin_dino_5w1s", "release_builtin_dino_5w1s"}
+                            "pool_builtin_dino_5w1s", "release_builtin_dino_5w1s",
+                            "lambda_builtin_dino_5w1s", "perturbation_builtin_dino_5w1s"}
     spec = next(s for s in TABLES if s.name == "ablation")
     [table] = spec_tables(spec, small, [])
     ax = figures["ablation_builtin_dino_5w1s"].axes[0]
@@ -169,6 +170,7 @@ def test_build_figures_writes_png_and_pdf(tmp_path: Path, small: pd.DataFrame,
     assert stems == {"clean_vs_adv_builtin_dino_5w1s", "eps_curve_builtin_dino_5w1s_pgd_linf",
                      "ablation_builtin_dino_5w1s", "merging_builtin_dino_5w1s",
                      "pool_builtin_dino_5w1s", "release_builtin_dino_5w1s",
+                     "lambda_builtin_dino_5w1s", "perturbation_builtin_dino_5w1s",
                      "corruptions_builtin_dino_5w1s"}
     assert len(paths) == 2 * len(stems)
     for path in paths:

@@ -133,7 +133,9 @@ def test_difference_cells_are_paired_on_episodes(built: Path, results: pd.DataFr
     assert cells["AMT", "digits"] == expected_cell(diff, signed=True)
     assert (label, "digits") not in cells  # the reference is not a row
     assert {row for row, _ in cells} == {"PM", "LoRA", "AMT", "AMT w/o TTM", "weight average",
-                                         "uniform pool", "AMT (authors' release)"} - {label}
+                                         "uniform pool", "AMT (authors' release)",
+                                         "AMT (λ_adv = 3)", "AMT (λ_adv = 0.5)",
+                                         "AMT, weight-space perturbation"} - {label}
     assert f"minus {label}" in table.read_text()
 
 
@@ -239,3 +241,12 @@ def test_methods_outside_every_accuracy_table_are_noted(tmp_path: Path,
     assert "corruption rows are shown in the corruption figures" in index
     assert "styleadv" in (tmp_path / "difference_vs_pm_bscd_dino_5w5s_clean.md").read_text()
 
+
+
+def test_the_lambda_table_lists_the_sweeps_methods_by_value(built: Path) -> None:
+    cells = markdown_cells(built / "lambda_builtin_dino_5w1s.md")
+    rows = list(dict.fromkeys(row for row, _ in cells))
+    assert rows == ["AMT (train.amt.lambda_adv)", "AMT (λ_adv = 0.5)", "AMT (λ_adv = 3)"]
+    perturbation = markdown_cells(built / "perturbation_builtin_dino_5w1s.md")
+    assert list(dict.fromkeys(row for row, _ in perturbation)) == \
+        ["AMT (spectral APSV, SVD init)", "AMT, weight-space perturbation"]

@@ -30,11 +30,11 @@ from amt.checkpoints import (
     load_tagged,
 )
 from amt.errors import UserError
-from amt.lora import adapter_parameters
+from amt.lora import adapter_delta, adapter_parameters, lora_layers
 from amt.models import load_trained
 from amt.pretrain import StoreImages, pretrain
 from amt.protonet import prototypes
-from amt.registry import BACKBONES
+from amt.registry import BACKBONES, SWEEPS, TRAINED
 from amt.schedule import cosine_lr, episode_lr, timm_cosine_lr
 from amt.specs import PretrainConfig, TrainConfig, spec_from_args
 from amt.train import MetaTuner, register, train, validate
@@ -684,3 +684,101 @@ def test_identical_runs_write_byte_identical_model_files(tmp_path, tiny_file, mo
         paths.append(train(train_config(tiny_file, method="lora", epochs=1), Episodes(3),
                            tmp_path / f"run{i}"))
     assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+# -- the trained ablations ------------------------------------------------------------------------
+def _variant(trained: str, tiny_file: Path | None = None, **overrides) -> TrainConfig:
+    """The tiny config with a trained ablation's registry switches (as the plan sets them)."""
+    return train_config(tiny_file, **dict(TRAINED[trained].switches), **overrides)
+
+
+def test_apq_off_attacks_no_query(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the query attack ran")
+
+    monkeypatch.setattr(amt.train, "kl_query_attack", refuse)
+    torch.manual_seed(0)
+    metrics = _step(MetaTuner(_variant("amt_no_apq"), CPU))
+    assert metrics.kl is None and metrics.adv_acc is None and metrics.loss == metrics.ce
+    with pytest.raises(AssertionError, match="the query attack ran"):
+        _step(MetaTuner(train_config(None), CPU))  # amt's own pool attacks
+
+
+def test_apsv_off_perturbs_nothing(monkeypatch):
+    monkeypatch.setattr(MetaTuner, "perturb_adapters", lambda *a: pytest.fail("APSV ran"))
+    torch.manual_seed(0)
+    assert _step(MetaTuner(_variant("amt_no_apsv"), CPU)).kl is not None  # APQ still on
+
+
+@pytest.mark.parametrize("lambda_adv", [1.0, 3.0])
+def test_the_loss_weighs_the_kl_by_each_swept_lambda(lambda_adv):
+    torch.manual_seed(0)
+    config = train_config(None, **dict(TRAINED[SWEEPS["amt_lambda"].name(lambda_adv)].switches))
+    assert config.lambda_adv == lambda_adv
+    metrics = _step(MetaTuner(config, CPU))
+    assert metrics.loss == pytest.approx(metrics.ce + lambda_adv * metrics.kl, rel=1e-5)
+
+
+def test_standard_init_starts_from_zero_b_on_the_frozen_weight_and_is_reloaded_so(
+        tmp_path, tiny_file):
+    frozen = build_backbone("tiny_vit", tiny_file, 32).vit
+    torch.manual_seed(0)
+    tuner = MetaTuner(_variant("amt_standard_init", tiny_file), CPU)
+    for name, layer in lora_layers(tuner.backbone.vit).items():
+        assert torch.equal(layer.residual, frozen.get_submodule(name).weight)
+        assert all(not b.any() and a.any() for a, b in layer.adapters())
+    svd = MetaTuner(train_config(tiny_file), CPU)  # AMT's own: W_res = W - B A
+    assert not torch.equal(svd.backbone.vit.blocks[0].mlp.fc1.residual,
+                           frozen.blocks[0].mlp.fc1.weight)
+    path = train(_variant("amt_standard_init", tiny_file, epochs=1), Episodes(3),
+                 tmp_path / "run")
+    backbone, _ = load_trained(path)
+    assert torch.equal(backbone.vit.blocks[0].mlp.fc1.residual, frozen.blocks[0].mlp.fc1.weight)
+    assert load_tagged(path, "amt-model")["residual"] == "stored"
+
+
+@pytest.mark.parametrize("rescale", ["layer", "block"])
+def test_weight_space_apsv_moves_w_along_dl_dw_by_gamma_times_the_delta_norm(rescale,
+                                                                             tiny_file):
+    xs, ys, xq, yq = Episodes(1)[0]
+    config = _variant("amt_weight_space", tiny_file, apq=False, awp_gamma=0.01,
+                      apsv_rescale=rescale)
+    tuner = MetaTuner(config, CPU)
+    reference = MetaTuner(config, CPU)
+    reference.load_trainable_state(tuner.trainable_state(), Path("-"))
+    adapters = tuner.trainable_state()
+    support = tuner.unperturbed_support(xs)
+    saved = dict(tuner.perturb_adapters(xs, ys, xq, yq, None, 3, support))
+    assert all(torch.equal(p, adapters[n]) for n, p in tuner.params.items())  # A, B untouched
+    fc1 = tuner.backbone.vit.blocks[1].mlp.fc1
+    qkv = tuner.backbone.vit.blocks[0].attn.qkv
+    for layer in (fc1, qkv):
+        v, delta = layer.residual - saved[layer.residual], adapter_delta(layer).detach()
+        if rescale == "layer":
+            assert v.norm().item() == pytest.approx(0.01 * delta.norm().item(), rel=1e-4)
+        for rows_v, rows_delta in zip(v.split(layer.rows), delta.split(layer.rows),
+                                      strict=True):
+            assert rescale == "layer" or \
+                rows_v.norm().item() == pytest.approx(0.01 * rows_delta.norm().item(), rel=1e-4)
+    # along dL/dW: B^T v is parallel to dL/dA = B^T dL/dW (at the unperturbed weights, the
+    # ascent's support detached as the release's)
+    loss, _ = reference.loss(xs, ys, xq, yq, None, 3,
+                             reference.unperturbed_support(xs).detach())
+    ref_fc1 = reference.backbone.vit.blocks[1].mlp.fc1
+    (grad_a,) = torch.autograd.grad(loss, ref_fc1.lora_A[0])
+    projected = fc1.lora_B[0].T @ (fc1.residual - saved[fc1.residual])
+    assert F.cosine_similarity(projected.flatten(), grad_a.flatten(), dim=0) > 1 - 1e-4
+
+
+def test_weight_space_apsv_restores_w_exactly_and_trains_at_the_perturbed_weight():
+    torch.manual_seed(0)
+    tuner = MetaTuner(_variant("amt_weight_space", apq=False), CPU)
+    residuals = [layer.residual.clone() for layer in lora_layers(tuner.backbone.vit).values()]
+    before = tuner.trainable_state()
+    _step(tuner, lr=0.0)
+    assert all(torch.equal(layer.residual, r) and not layer.residual.requires_grad for layer, r
+               in zip(lora_layers(tuner.backbone.vit).values(), residuals, strict=True))
+    plain = MetaTuner(train_config(None, apq=False, apsv=False), CPU)
+    plain.load_trainable_state(before, Path("-"))
+    _step(plain, lr=0.0)
+    assert any(not torch.allclose(p.grad, tuner.params[n].grad) for n, p in plain.params.items())

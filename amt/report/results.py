@@ -50,7 +50,8 @@ def condition_slug(attack: str, norm: str, eps: float) -> str:
 
 
 def method_label(method: str) -> str:
-    return METHOD_LABELS.get(method, method)
+    """The registry's label; a sweep's generated method its own (AMT (λ_adv = 3))."""
+    return METHODS[method].label if method in METHODS else method
 
 
 def conditions(frame: pd.DataFrame, kinds: Sequence[str]) -> list[tuple[str, str, float]]:

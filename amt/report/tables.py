@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from amt.registry import sweep_of
 from amt.report.results import (
     METHOD_LABELS,
     condition_label,
@@ -56,6 +57,7 @@ class TableSpec:
     anchor: str | None = None  # a row shown for comparison; does not make a table on its own
     difference: bool = False  # cells are paired differences to the reference method
     labels: dict[str, str] = field(default_factory=dict)  # row labels overriding METHOD_LABELS
+    family: str | None = None  # a sweep (registry.SWEEPS): its generated methods are rows too
 
     def __post_init__(self) -> None:
         if self.layout not in ("domains", "conditions"):
@@ -72,12 +74,18 @@ _BOTH = ("clean", "adversarial")
 TABLES: tuple[TableSpec, ...] = (
     TableSpec("clean", "Clean accuracy", MAIN_METHODS, ("clean",)),
     TableSpec("adversarial", "Adversarial accuracy", MAIN_METHODS, ("adversarial",)),
+    # one component off per row: APQ, APSV, RLP (one LoRA, no pool), TTM, STr
     TableSpec("ablation", "Ablation of AMT's components",
-              ("amt_no_ttm", "amt_no_str"), _BOTH, "conditions",
-              anchor="amt"),
+              ("amt_no_apq", "amt_no_apsv", "amt_single", "amt_no_ttm", "amt_no_str"), _BOTH,
+              "conditions", anchor="amt"),
     TableSpec("merging", "Test-time merging strategies",
-              ("amt_weight_avg", "amt_logit_avg", "amt_single_best"), _BOTH, "conditions",
-              anchor="amt", labels={"amt": "AMT (TTM)"}),
+              ("amt_weight_avg", "amt_logit_avg", "amt_linear", "amt_single_best"), _BOTH,
+              "conditions", anchor="amt", labels={"amt": "AMT (TTM)"}),
+    TableSpec("lambda", "Sensitivity to λ_adv", (), _BOTH, "conditions", anchor="amt",
+              labels={"amt": "AMT (train.amt.lambda_adv)"}, family="amt_lambda"),
+    TableSpec("perturbation", "Perturbation space and LoRA initialisation",
+              ("amt_weight_space", "amt_standard_init"), _BOTH, "conditions", anchor="amt",
+              labels={"amt": "AMT (spectral APSV, SVD init)"}),
     TableSpec("pool", "LoRA pool strategies", ("amt_pool_uniform", "amt_pool_random"), _BOTH,
               "conditions", anchor="amt", labels={"amt": "separate pool (AMT)"}),
     TableSpec("release", "The authors' released AMT pool beside this pipeline's",
@@ -119,10 +127,17 @@ def _rows(spec: TableSpec, present: set[str], reference: str) -> list[str]:
     if spec.difference:
         return [m for m in ordered_methods(present) if m != reference] if reference in present \
             else []
-    shown = [m for m in spec.methods if m in present]
+    shown = [m for m in spec.methods if m in present] + _family_rows(spec, present)
     if not shown:
         return []
     return ([spec.anchor] if spec.anchor in present else []) + shown
+
+
+def _family_rows(spec: TableSpec, present: set[str]) -> list[str]:
+    """The present methods of the spec's sweep family, by value (amt_lambda_1, _3, _9)."""
+    found = {m: sweep_of(m) for m in present}
+    return sorted((m for m, f in found.items() if f and f[0].family == spec.family),
+                  key=lambda m: found[m][1])
 
 
 def _episodes(data: pd.DataFrame, method: str, domain: str) -> pd.Series:
@@ -267,7 +282,9 @@ def _skip_reason(spec: TableSpec, results: pd.DataFrame, reference: str) -> str:
         return (f"needs the reference method {reference!r} and another method under the same "
                 f"condition ({' or '.join(spec.kinds)}); methods present: "
                 f"{ordered_methods(set(results.method))}")
-    return (f"none of its methods {list(spec.methods)} has {' or '.join(spec.kinds)} results "
+    family = f" or {spec.family}_<value>" if spec.family else ""
+    return (f"none of its methods {list(spec.methods)}{family} has {' or '.join(spec.kinds)} "
+            "results "
             f"(methods present: {ordered_methods(set(results.method))})")
 
 
@@ -275,6 +292,7 @@ def _uncovered(results: pd.DataFrame, specs: Sequence[TableSpec],
                references: Sequence[str]) -> list[str]:
     """Say where results that no accuracy table shows end up."""
     named = {m for s in specs for m in (*(s.methods or ()), s.anchor) if m}
+    named |= {m for s in specs for m in _family_rows(s, set(results.method))}
     notes = []
     if extra := set(results.method) - named - set(references):
         notes.append(f"methods in no accuracy table (see the difference tables): "
