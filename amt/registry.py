@@ -104,8 +104,12 @@ TRAINED: dict[str, TrainedEntry] = {e.name: e for e in (
     TrainedEntry("pm", "pm"),
     TrainedEntry("lora", "lora"),
     TrainedEntry("amt", "amt", pooled=True),
+    # StyleAdv (Fu et al., CVPR 2023): the whole backbone meta-trained with adversarial styles
+    TrainedEntry("styleadv", "styleadv"),
 )}
-TRAINERS = ("pm", "lora", "amt")
+TRAINERS = ("pm", "lora", "amt", "styleadv")
+FULL_BACKBONE_TRAINERS = ("pm", "styleadv")  # model files holding the whole backbone
+
 
 # -- the authors' released pool (imported, not trained) -------------------------------------------
 RELEASE = "release"  # the ``trained`` of methods over it: ``python -m amt import-release``
@@ -119,6 +123,9 @@ MERGE_KEYS = ("beta", "gamma", "top_k")
 STR_KEYS = ("str_layers", "str_ratio")
 FINETUNE_KEYS = ("lr",)
 COMBINE = ("ttm", "uniform", "logits")  # scored top-k merge, 1/P merge, average of logits
+# What test-time fine-tuning trains: every backbone tensor (PMF), or only ATTNSCALE's scaling
+# vectors of the attention matrices (Basu et al., AAAI 2024; amt.methods.AttentionScaling)
+FINETUNE_PARAMS = ("full", "attnscale")
 
 
 @dataclass(frozen=True)
@@ -128,8 +135,9 @@ class MethodEntry:
     ``trained``: a ``TRAINED`` name, or ``RELEASE`` for the authors' pool imported from their
     checkpoint. kind 'frozen': a model file (pm, lora) used as it is; kind 'pool': a LoRA pool
     combined by ``combine`` (with ``top_k`` fixed or selected), trimmed by STr if ``trim``.
-    ``finetune``: PMF's test-time fine-tuning on top. ``base``: the method whose selection it
-    starts from."""
+    ``finetune``: test-time fine-tuning on top, of ``ft_params`` (a ``FINETUNE_PARAMS`` name);
+    ``ft_adversarial``: on PGD-attacked copies of the augmented support (Adv. TTF). ``base``:
+    the method whose selection it starts from."""
 
     name: str
     label: str
@@ -141,6 +149,8 @@ class MethodEntry:
     top_k: int | None = None
     finetune: bool = False
     base: str | None = None
+    ft_params: str = "full"
+    ft_adversarial: bool = False
 
     @property
     def pooled(self) -> bool:
@@ -154,7 +164,7 @@ class MethodEntry:
     @property
     def merges(self) -> bool:
         """Its episode model holds merged LoRA weights (their spectra are an output)."""
-        return self.trained != "pm" and self.combine != "logits"
+        return self.trained not in FULL_BACKBONE_TRAINERS and self.combine != "logits"
 
     @property
     def tuned(self) -> tuple[str, ...]:
@@ -173,9 +183,18 @@ def _pool(name: str, label: str, combine: str, **kw: object) -> MethodEntry:
 METHODS: dict[str, MethodEntry] = {e.name: e for e in (
     MethodEntry("pm", "PM", "pm"),
     MethodEntry("pmf", "PMF", "pm", finetune=True),
+    # Adversarial test-time fine-tuning (Adv. TTF): PMF's, on attacked support copies
+    MethodEntry("pmf_adv", "PMF (Adv. TTF)", "pm", finetune=True, ft_adversarial=True),
+    MethodEntry("styleadv", "StyleAdv", "styleadv"),
+    MethodEntry("styleadv_ft", "StyleAdv-FT", "styleadv", finetune=True),
+    MethodEntry("attnscale", "ATTNSCALE", "pm", finetune=True, ft_params="attnscale"),
     MethodEntry("lora", "LoRA", "lora"),
     _pool("amt", "AMT", "ttm", trim=True),
     _pool("amt_ft", "AMT-FT", "ttm", trim=True, finetune=True, base="amt"),
+    _pool("amt_ft_adv", "AMT-FT (Adv. TTF)", "ttm", trim=True, finetune=True, base="amt",
+          ft_adversarial=True),
+    _pool("attnscale_amt_ft", "ATTNSCALE+AMT-FT", "ttm", trim=True, finetune=True, base="amt",
+          ft_params="attnscale"),
     _pool("amt_no_ttm", "AMT w/o TTM", "uniform"),
     _pool("amt_no_str", "AMT w/o STr", "ttm"),
     _pool("amt_weight_avg", "weight average", "uniform", trim=True),

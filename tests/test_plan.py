@@ -172,8 +172,8 @@ def test_no_paper_selection_job_searches_more_points_than_the_release():
 
 def test_the_summary_lists_jobs_per_rule_and_grid_points():
     summary = Plan(PAPER).summary()
-    assert summary.startswith("2462 jobs:")
-    assert re.search(r"^  select_hyperparameters +900$", summary, re.M)
+    assert summary.startswith("3656 jobs:")
+    assert re.search(r"^  select_hyperparameters +1440$", summary, re.M)
     assert re.search(r"^  draw_episodes +88$", summary, re.M)  # 16 validate training
     assert re.search(r"^  amt_ft +4$", summary, re.M) and "fetch_builtin" not in summary
 

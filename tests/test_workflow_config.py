@@ -68,7 +68,7 @@ BAD = [
     ("override key typo", _set("train.overrides", {"pm": {"lrr": 1.0e-5}}),
      r"train\.overrides\.pm: unknown keys \['lrr'\]; allowed: .*'lr'"),
     ("override of no trained method", _set("train.overrides", {"pmf": {"lr": 1.0e-5}}),
-     r"train\.overrides: 'pmf' is not one of \['pm', 'lora', 'amt'\]"),
+     r"train\.overrides: 'pmf' is not one of \['pm', 'lora', 'amt', 'styleadv'\]"),
     ("training episodes of no setting", _set("train.episodes", {"5w1s": "md_5w1s"}),
      r"train\.episodes: unknown settings \['md_5w1s'\]"),
     ("training episodes for an untrained setting", _set("train.episodes", {"1w1s": "5w1s"}),
