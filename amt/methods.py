@@ -14,7 +14,11 @@ state (merged, trimmed, fine-tuned) inside it and restored when it exits.
 - ``finetune`` (pmf, amt_ft): PMF's test-time fine-tuning of the whole backbone on top: Adam,
   ``ft_steps`` steps at ``lr``, each on one DiffAugment copy of the support with prototypes from
   the clean support (both in one forward, gradients through both, as PMF); the weights are
-  restored in place afterwards.
+  restored in place afterwards. ``ft_params`` 'attnscale' (attnscale, attnscale_amt_ft):
+  only ATTNSCALE's vectors train, a scaling of each attention matrix's rows and eTT's
+  domain-residual offsets, applied by hooks (``AttentionScaling``). ``ft_adversarial``
+  (pmf_adv, amt_ft_adv, Adv. TTF): each step's copy is first attacked by l_inf PGD on the
+  fine-tuning loss within ``hyper.ft_eps``; the support itself stays clean.
 - kind 'pool' with combine 'ttm' (amt): test-time merging (docs/method.md): one DiffAugment
   copy Z of the support; for each member p alone (W = W_res + B_p A_p) prototypes from the clean
   support and cosine similarities of Z's embeddings to them; intra_p (a class's Z to its own

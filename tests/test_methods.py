@@ -27,6 +27,7 @@ from amt.methods import (
 )
 from amt.models import load_trained
 from amt.pool import load_pool
+from amt.registry import METHODS
 from amt.specs import Hyper
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -289,11 +290,13 @@ def test_merged_spectra_rows(pool_dir):
     assert np.all(values[16:] < 1e-4 * values[0]) and values[15] > 1e-3  # trimmed to rank 16
 
 
-@pytest.mark.parametrize("name", ["pm", "pmf", "lora", "amt", "amt_ft", "amt_logit_avg"])
+@pytest.mark.parametrize("name", ["pm", "pmf", "lora", "amt", "amt_ft", "amt_logit_avg",
+                                  "pmf_adv", "amt_ft_adv", "attnscale", "attnscale_amt_ft"])
 def test_mixed_precision_adapts_and_attacks(pool_dir, monkeypatch, name):
     """The CUDA path (bfloat16 autocast) on the CPU: every method adapts, classifies and is
     attacked; logits stay float32, agree with the float32 run, and the attack keeps its budget."""
-    model = pool_dir / {"pm": "pm.pt", "pmf": "pm.pt", "lora": "member0.pt"}.get(name, "pool.pt")
+    files = {"pm": "pm.pt", "lora": "member0.pt"}
+    model = pool_dir / files.get(METHODS[name].trained, "pool.pt")
     hyper = Hyper(lr=1e-2, ft_steps=2, str_layers="all", str_ratio=0.5)
     xs, ys, xq, yq = colour_episode()
     with load_method(name, model, hyper, CPU, amp=True, seed=0).adapt(xs, ys, 0, xq) as plain:

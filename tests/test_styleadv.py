@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from builders import Episodes, backbone_file, split_domain, train_config
 
+from amt import devices
 from amt.backbones import build_backbone
 from amt.episodes import FixedSampler
 from amt.methods import FrozenMethod, load_method
@@ -154,3 +155,22 @@ def test_global_labels_index_every_stores_split_classes(tmp_path):
         train_ids = stores[source].classes_in_split("train")
         expected = np.searchsorted(train_ids, episode.classes) + 5 * source
         assert classes.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_mixed_precision_step_trains_float32_parameters(monkeypatch, tiny_file, device):
+    """The CUDA path (bfloat16 autocast): on the CPU with the autocast patched in, as
+    test_train does, and on a GPU where there is one."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if device == "cpu":
+        monkeypatch.setattr(devices, "autocast", lambda where, enabled=True: torch.autocast(
+            "cpu", dtype=torch.bfloat16, enabled=enabled))
+    torch.manual_seed(0)
+    where = torch.device(device)
+    config = train_config(tiny_file, method="styleadv", styleadv_skip=0.0)
+    tuner = StyleAdvTuner(config, where, CLASSES)
+    metrics = tuner.step(GlobalEpisodes(1)[0], 0, 0.05)
+    assert np.isfinite(metrics.loss) and metrics.kl is not None
+    assert all(p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()
+               for p in tuner.params.values())
