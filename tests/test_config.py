@@ -64,8 +64,8 @@ def test_unknown_target_domain_names_key_and_allowed_values() -> None:
 def test_reference_must_be_an_evaluated_method() -> None:
     config = copy.deepcopy(DEFAULT)
     config["evaluate"]["references"] = ["pm", "pmf"]
-    with pytest.raises(ConfigError,
-                       match=r"evaluate\.references.*\['pmf'\].*allowed.*'amt', 'lora', 'pm'"):
+    with pytest.raises(ConfigError, match=r"evaluate\.references.*\['pmf'\].*allowed.*"
+                                          r"'amt', 'attnscale', 'lora', 'pm'"):
         check_config(config)
 
 

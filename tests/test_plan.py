@@ -167,7 +167,7 @@ def test_no_paper_selection_job_searches_more_points_than_the_release():
     merge = _stages(grids["amt"])[0]
     assert merge["top_k"] == [2] and (merge["beta"][0], merge["gamma"][0]) == (1.0, 0.6)
     assert _release_points({"beta": [1, 2], "gamma": [0.6], "str": ["none"] * 3}) == 5
-    assert Plan(DEFAULT).grid_sizes() == {"amt": 8}  # one stage: the product
+    assert Plan(DEFAULT).grid_sizes() == {"amt": 8, "attnscale": 2}  # a stage: the product
 
 
 def test_the_summary_lists_jobs_per_rule_and_grid_points():
