@@ -292,3 +292,28 @@ def test_the_paper_config_takes_the_releases_training_choices():
                                                          "best")
     assert len(plan.validation_episodes("5w1s")) == 8
     assert DEFAULT["train"]["amt"]["kl_direction"] == "clean_adv"
+
+
+def test_the_baselines_read_their_models_and_selections_and_the_configs_settings():
+    """StyleAdv trains as a baseline of its own (SA's schedule), its and ATTNSCALE's test-time
+    methods read the right artefact, the amt-based ones start from amt's selection, and Adv.
+    TTF's budget and steps reach the selection specs."""
+    plan = Plan(PAPER)
+    where = {"backbone": "dino_vits16", "setting": "5w1s"}
+    spec = plan.baseline_spec(trained="styleadv", **where)
+    assert (spec.method, spec.epochs, spec.lr, spec.schedule) == \
+        ("styleadv", 20, 6.25e-6, "cosine_epoch_timm_after")
+    artefacts = {m: plan.trained_artefact(method=m, **where)
+                 for m in ("styleadv", "styleadv_ft", "attnscale", "pmf_adv", "amt_ft_adv",
+                           "attnscale_amt_ft")}
+    assert artefacts["styleadv"] == artefacts["styleadv_ft"] == \
+        path("model", trained="styleadv", **where)
+    assert artefacts["attnscale"] == artefacts["pmf_adv"] == path("model", trained="pm", **where)
+    assert artefacts["amt_ft_adv"] == artefacts["attnscale_amt_ft"] == \
+        path("pool", trained="amt", strategy="separate", **where)
+    for method in ("amt_ft_adv", "attnscale_amt_ft"):
+        assert plan.base_selection(domain="isic", method=method, **where) == \
+            plan.selection(domain="isic", method="amt", **where)
+    select = plan.select_spec(domain="isic", method="pmf_adv", **where)
+    assert (select.ft_eps, select.ft_attack_steps) == ("4/255", 10)
+    assert select.fixed["ft_eps"] == "4/255"
