@@ -312,8 +312,8 @@ class Plan:
 
     def select_spec(self, backbone: str, setting: str, domain: str, method: str
                     ) -> SelectConfig:
-        fixed = {k: self.evaluate[k] for k in ("str_solver", "score_precision", "ft_eps",
-                                               "ft_attack_steps") if k in self.evaluate}
+        fixed = {k: self.evaluate[k] for k in ("str_solver", "score_precision", "ft_steps",
+                                               "ft_eps", "ft_attack_steps") if k in self.evaluate}
         return SelectConfig(
             method=method, model=self.trained_artefact(backbone, setting, method),
             store=path("store", domain=domain),

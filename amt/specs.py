@@ -159,11 +159,11 @@ class Hyper:
     str_layers: str = "none"  # a key of registry.STR_LAYERS
     str_ratio: float = 1.0  # rho
     lr: float = 0.0  # test-time fine-tuning (pmf, amt_ft); 0 = none
+    # Fixed, not selected (set by the config's evaluate section, recorded with the selection):
     ft_steps: int = 50
     # Adv. TTF (pmf_adv, amt_ft_adv): l_inf PGD on the fine-tuning's support copies, step eps/4
     ft_eps: float = 4 / 255
     ft_attack_steps: int = 3
-    # Fixed, not selected (set by the config's evaluate section, recorded with the selection):
     str_solver: str = "exact"  # a registry.STR_SOLVERS name
     score_precision: str = "fp32"  # TTM's member scoring: a registry.SCORE_PRECISIONS name
 

@@ -200,7 +200,9 @@ def _evaluation_seconds(plan: Plan, rates: Rates, job: dict) -> float:
     steps, sanity = _attack_steps(spec, conditions)
     forwards = sum(1 for c in conditions if c.spec is None and c.attack != "none")
     per_episode = (rates.clean(method, shots) + rates.trim(method, shots)
-                   + rates.finetune(method, shots, Hyper().ft_steps, _ft_attack_steps(plan))
+                   + rates.finetune(method, shots,
+                                    plan.evaluate.get("ft_steps", Hyper().ft_steps),
+                                    _ft_attack_steps(plan))
                    + steps * rates.attack_step(shots) + forwards * rates.forward(shots))
     return episodes * per_episode + min(spec.sanity.episodes, episodes) * sanity * \
         rates.attack_step(shots)

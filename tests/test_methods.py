@@ -27,7 +27,7 @@ from amt.methods import (
 )
 from amt.models import load_trained
 from amt.pool import load_pool
-from amt.registry import METHODS
+from amt.registry import FINETUNE_PARAMS, METHODS
 from amt.specs import Hyper
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -319,6 +319,11 @@ def test_mixed_precision_adapts_and_attacks(pool_dir, monkeypatch, name):
         assert float((adv - xq).abs().max()) <= 8 / 255 + 1e-6
         assert 0 <= float(adv.min()) <= float(adv.max()) <= 1
         assert adapted.classifier(adv).dtype == torch.float32
+
+
+def test_every_fine_tuning_kind_is_built():
+    assert set(methods.TUNINGS) == set(FINETUNE_PARAMS)
+    assert {e.ft_params for e in METHODS.values()} <= set(FINETUNE_PARAMS)
 
 
 @pytest.mark.parametrize("name", ["attnscale", "attnscale_amt_ft"])
