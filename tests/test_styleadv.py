@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from builders import Episodes, backbone_file, split_domain, train_config
+from builders import Episodes, Killed, backbone_file, split_domain, train_config
 
 from amt import devices
 from amt.backbones import build_backbone
@@ -174,3 +174,17 @@ def test_mixed_precision_step_trains_float32_parameters(monkeypatch, tiny_file, 
     assert np.isfinite(metrics.loss) and metrics.kl is not None
     assert all(p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()
                for p in tuner.params.values())
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_file):
+    """The checkpoint holds the global classifier and its optimiser group, and the episode's
+    draws (epsilons, skips) depend on the episode index only."""
+    config = train_config(tiny_file, method="styleadv", episodes_per_epoch=2, epochs=2)
+    whole = train(config, GlobalEpisodes(4), tmp_path / "whole")
+    with pytest.raises(Killed):  # after the checkpoint at 2 episodes
+        train(config, GlobalEpisodes(4, kill_at=3), tmp_path / "killed")
+    resumed = train(config, GlobalEpisodes(4), tmp_path / "killed")
+    a, b = (torch.load(p, weights_only=True) for p in (whole, resumed))
+    assert all(torch.equal(a["backbone_state"][k], b["backbone_state"][k])
+               for k in a["backbone_state"])
+    assert torch.equal(a["head"]["scale"], b["head"]["scale"])
