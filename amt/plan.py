@@ -15,6 +15,7 @@ from fractions import Fraction
 
 from amt.registry import EPISODE_KINDS, METHODS, TRAINED, parse_budget
 from amt.specs import (
+    FIXED_HYPER,
     EpisodesConfig,
     EvalConfig,
     ImportConfig,
@@ -29,8 +30,10 @@ from data_prep.sources import FETCHED
 
 RESULTS = "results"
 MODELS = f"{RESULTS}/models"
-MEMBER = f"{MODELS}/{{backbone}}/{{setting}}/{{trained}}_{{strategy}}/member{{member}}"
-EVAL = f"{RESULTS}/eval/{{backbone}}/{{setting}}/{{domain}}/{{method}}"
+# Everything trained or evaluated per training seed (train.seeds) has a seed<k> folder.
+RUN = f"{MODELS}/{{backbone}}/{{setting}}/seed{{seed}}"
+MEMBER = f"{RUN}/{{trained}}_{{strategy}}/member{{member}}"
+EVAL = f"{RESULTS}/eval/{{backbone}}/{{setting}}/seed{{seed}}/{{domain}}/{{method}}"
 PATHS = {
     "fetched": "resources/{source}",
     "store": f"{RESULTS}/data/{{domain}}.h5",
@@ -40,18 +43,19 @@ PATHS = {
     "backbone": f"{RESULTS}/backbones/{{backbone}}/model.pt",
     "backbone_log": f"{RESULTS}/backbones/{{backbone}}/train_log.csv",
     "backbone_manifest": f"{RESULTS}/backbones/{{backbone}}/manifest.json",
-    "model": f"{MODELS}/{{backbone}}/{{setting}}/{{trained}}/model.pt",
-    "model_log": f"{MODELS}/{{backbone}}/{{setting}}/{{trained}}/train_log.csv",
-    "model_valid_log": f"{MODELS}/{{backbone}}/{{setting}}/{{trained}}/valid_log.csv",
-    "model_manifest": f"{MODELS}/{{backbone}}/{{setting}}/{{trained}}/manifest.json",
+    "model": f"{RUN}/{{trained}}/model.pt",
+    "model_log": f"{RUN}/{{trained}}/train_log.csv",
+    "model_valid_log": f"{RUN}/{{trained}}/valid_log.csv",
+    "model_manifest": f"{RUN}/{{trained}}/manifest.json",
     "member": f"{MEMBER}/model.pt",
     "member_log": f"{MEMBER}/train_log.csv",
     "member_valid_log": f"{MEMBER}/valid_log.csv",
     "member_manifest": f"{MEMBER}/manifest.json",
-    "pool": f"{MODELS}/{{backbone}}/{{setting}}/{{trained}}_{{strategy}}/pool.pt",
+    "pool": f"{RUN}/{{trained}}_{{strategy}}/pool.pt",
     "release_pool": f"{MODELS}/{{backbone}}/{{setting}}/release/pool.pt",
     "release_backbone": f"{MODELS}/{{backbone}}/{{setting}}/release/backbone.pt",
-    "selection": f"{RESULTS}/selection/{{backbone}}/{{setting}}/{{domain}}/{{method}}.json",
+    "selection": f"{RESULTS}/selection/{{backbone}}/{{setting}}/seed{{seed}}/{{domain}}/"
+                 "{method}.json",
     "rows": f"{EVAL}.csv",
     "sanity": f"{EVAL}.sanity.json",
     "spectra": f"{EVAL}.spectra.csv",
@@ -65,18 +69,19 @@ JOB_NAMES = {
     "inspect_domain": "{domain}",
     "draw_episodes": "{domain}_{kind}_{setting}",
     "pretrain_backbone": "{backbone}",
-    "train_baseline": "{backbone}_{setting}_{trained}",
-    "train_amt_member": "{backbone}_{setting}_{trained}_{strategy}_member{member}",
-    "assemble_pool": "{backbone}_{setting}_{trained}_{strategy}",
+    "train_baseline": "{backbone}_{setting}_seed{seed}_{trained}",
+    "train_amt_member": "{backbone}_{setting}_seed{seed}_{trained}_{strategy}_member{member}",
+    "assemble_pool": "{backbone}_{setting}_seed{seed}_{trained}_{strategy}",
     "import_release": "{backbone}_{setting}",
-    "select_hyperparameters": "{backbone}_{setting}_{domain}_{method}",
-    "evaluate": "{backbone}_{setting}_{domain}_{method}",
+    "select_hyperparameters": "{backbone}_{setting}_seed{seed}_{domain}_{method}",
+    "evaluate": "{backbone}_{setting}_seed{seed}_{domain}_{method}",
     "report": "report",
 }
 EVALUATION_KINDS = EPISODE_KINDS[:2]  # test and valid: drawn per evaluated domain and setting
 VALIDATION_KIND = "train_valid"  # a training run's per-epoch validation
 DEFAULT_STRATEGIES = ("separate",)  # train.amt.pool_strategies unset: AMT's own pool
 DEFAULT_BENCHMARK = "builtin"
+MEMBER_SEED_STRIDE = 1000  # a random/uniform member's seed: training seed + stride x member
 DEFAULT_WORKERS = 2  # conversion processes of a domain without workers of its own
 # config.train keys that are TrainConfig fields of every run (train.overrides.<trained> may set
 # them per trained method), and config.train.amt's of members
@@ -128,6 +133,15 @@ class Plan:
     @property
     def domains(self) -> list[str]:
         return list(self.config["domains"])
+
+    @property
+    def seeds(self) -> list[int]:
+        """The training seeds: every trained model, pool member, selection and evaluation runs
+        once per seed (train.seeds; the global seed alone by default)."""
+        return list(self.train.get("seeds", [self.config["seed"]]))
+
+    def _seed(self, seed: int | None) -> int:
+        return self.seeds[0] if seed is None else int(seed)
 
     @property
     def trained_pooled(self) -> list[str]:
@@ -220,44 +234,54 @@ class Plan:
         return [path("episodes", domain=d, kind=VALIDATION_KIND,
                      setting=self.train_setting(setting)) for d in self.validation_domains]
 
+    def _pos_embed(self, backbone: str) -> dict:
+        """The backbone's position-embedding mode, if configured (else the spec's default)."""
+        spec = self.config["backbones"][backbone]
+        return {"pos_embed": spec["pos_embed"]} if "pos_embed" in spec else {}
+
     def _train_spec(self, backbone: str, setting: str, trained: str, **fields: object
                     ) -> TrainConfig:
         run = {k: self.train[k] for k in RUN_KEYS if k in self.train}
         run |= self.train.get("overrides", {}).get(trained, {})
-        spec = self.config["backbones"][backbone]
-        pos_embed = {"pos_embed": spec["pos_embed"]} if "pos_embed" in spec else {}
         return TrainConfig(method=TRAINED[trained].trainer, backbone=backbone,
                            backbone_checkpoint=self.backbone_checkpoint(backbone),
                            setting=self.config["settings"][self.train_setting(setting)], **run,
-                           **pos_embed, **self._run_options(), **fields)
+                           **self._pos_embed(backbone), **self._run_options(), **fields)
 
-    def baseline_spec(self, backbone: str, setting: str, trained: str) -> TrainConfig:
-        return self._train_spec(backbone, setting, trained, seed=self.config["seed"])
+    def baseline_spec(self, backbone: str, setting: str, trained: str, seed: int | None = None
+                      ) -> TrainConfig:
+        return self._train_spec(backbone, setting, trained, seed=self._seed(seed))
 
     def member_spec(self, backbone: str, setting: str, trained: str, strategy: str,
-                    member: int) -> TrainConfig:
+                    member: int, seed: int | None = None) -> TrainConfig:
         """Pool member ``member`` under a pool strategy (method.md): separate, one budget each;
         uniform, every member at the mean budget with its own seed; random, every member draws
-        a budget from the list per episode, with its own seed."""
-        seed = self.config["seed"]
+        a budget from the list per episode, with its own seed (the training seed plus
+        ``MEMBER_SEED_STRIDE`` per member, so that no member of one training seed shares its
+        seed with a member of another)."""
+        seed = self._seed(seed)
         if strategy == "separate":
             budgets = [self.budgets[member]]
         elif strategy == "uniform":
-            budgets, seed = [mean_budget(self.amt["budgets"])], seed + member
+            budgets = [mean_budget(self.amt["budgets"])]
+            seed += MEMBER_SEED_STRIDE * member
         else:
-            budgets, seed = list(self.budgets), seed + member
+            budgets, seed = list(self.budgets), seed + MEMBER_SEED_STRIDE * member
         tuning = {k: self.amt[k] for k in MEMBER_KEYS if k in self.amt}
         return self._train_spec(backbone, setting, trained, seed=seed, budgets=budgets, **tuning)
 
-    def pool_members(self, backbone: str, setting: str, trained: str, strategy: str
-                     ) -> list[str]:
-        return [path("member", backbone=backbone, setting=setting, trained=trained,
-                     strategy=strategy, member=i) for i in range(len(self.budgets))]
+    def pool_members(self, backbone: str, setting: str, trained: str, strategy: str,
+                     seed: int | None = None) -> list[str]:
+        return [path("member", backbone=backbone, setting=setting, seed=self._seed(seed),
+                     trained=trained, strategy=strategy, member=i)
+                for i in range(len(self.budgets))]
 
-    def pool_spec(self, backbone: str, setting: str, trained: str, strategy: str) -> PoolConfig:
-        return PoolConfig(members=self.pool_members(backbone, setting, trained, strategy),
-                          out=path("pool", backbone=backbone, setting=setting, trained=trained,
-                                   strategy=strategy), strategy=strategy)
+    def pool_spec(self, backbone: str, setting: str, trained: str, strategy: str,
+                  seed: int | None = None) -> PoolConfig:
+        return PoolConfig(members=self.pool_members(backbone, setting, trained, strategy, seed),
+                          out=path("pool", backbone=backbone, setting=setting,
+                                   seed=self._seed(seed), trained=trained, strategy=strategy),
+                          strategy=strategy)
 
     # -- the authors' released pool -------------------------------------------------------------
     def release_checkpoint(self, backbone: str, setting: str) -> str | None:
@@ -278,31 +302,35 @@ class Plan:
         where = {"backbone": backbone, "setting": setting}
         return ImportConfig(checkpoint=self.release_checkpoint(backbone, setting),
                             backbone=backbone, out=path("release_pool", **where),
-                            backbone_out=path("release_backbone", **where))
+                            backbone_out=path("release_backbone", **where),
+                            **self._pos_embed(backbone))
 
     # -- selection and evaluation ---------------------------------------------------------------
-    def trained_artefact(self, backbone: str, setting: str, method: str) -> str:
+    def trained_artefact(self, backbone: str, setting: str, method: str,
+                         seed: int | None = None) -> str:
         """The file a test-time method reads: its trained method's model file, the pool of its
-        strategy, or the imported release."""
+        strategy (of training seed ``seed``), or the imported release (one for every seed)."""
         entry = METHODS[method]
         if entry.released:
             return path("release_pool", backbone=backbone, setting=setting)
-        where = {"backbone": backbone, "setting": setting, "trained": entry.trained}
+        where = {"backbone": backbone, "setting": setting, "seed": self._seed(seed),
+                 "trained": entry.trained}
         return path("pool", strategy=entry.strategy, **where) if entry.pooled else \
             path("model", **where)
 
-    def selection(self, backbone: str, setting: str, domain: str, method: str) -> str | None:
+    def selection(self, backbone: str, setting: str, domain: str, method: str,
+                  seed: int | None = None) -> str | None:
         """Its selection file, for a method with test-time hyperparameters and a grid."""
         if method not in self.evaluate.get("grids", {}):
             return None
-        return path("selection", backbone=backbone, setting=setting, domain=domain,
-                    method=method)
+        return path("selection", backbone=backbone, setting=setting, seed=self._seed(seed),
+                    domain=domain, method=method)
 
-    def base_selection(self, backbone: str, setting: str, domain: str, method: str
-                       ) -> str | None:
+    def base_selection(self, backbone: str, setting: str, domain: str, method: str,
+                       seed: int | None = None) -> str | None:
         """The selection a method builds on (amt_ft: amt's merging choice)."""
         base = METHODS[method].base
-        return base and self.selection(backbone, setting, domain, base)
+        return base and self.selection(backbone, setting, domain, base, seed)
 
     def _image_options(self, domain: str) -> dict:
         """Input size and test transform: the domain's, else the episodes' / evaluate's."""
@@ -310,25 +338,27 @@ class Plan:
         return {k: layer[k] for layer in layers for k in ("image_size", "resize",
                                                           "test_transform") if k in layer}
 
-    def select_spec(self, backbone: str, setting: str, domain: str, method: str
-                    ) -> SelectConfig:
-        fixed = {k: self.evaluate[k] for k in ("str_solver", "score_precision", "ft_steps",
-                                               "ft_eps", "ft_attack_steps") if k in self.evaluate}
+    def select_spec(self, backbone: str, setting: str, domain: str, method: str,
+                    seed: int | None = None) -> SelectConfig:
+        fixed = {k: self.evaluate[k] for k in FIXED_HYPER if k in self.evaluate}
+        seed = self._seed(seed)
         return SelectConfig(
-            method=method, model=self.trained_artefact(backbone, setting, method),
+            method=method, model=self.trained_artefact(backbone, setting, method, seed),
             store=path("store", domain=domain),
             episodes=path("episodes", domain=domain, kind="valid", setting=setting),
             grid=self.evaluate["grids"][method],
-            out=self.selection(backbone, setting, domain, method),
-            base_selection=self.base_selection(backbone, setting, domain, method),
-            seed=self.config["seed"], **fixed, **self._image_options(domain),
+            out=self.selection(backbone, setting, domain, method, seed),
+            base_selection=self.base_selection(backbone, setting, domain, method, seed),
+            seed=seed, **fixed, **self._image_options(domain),
             **self._run_options())
 
-    def eval_spec(self, backbone: str, setting: str, domain: str, method: str) -> EvalConfig:
-        spec = self.config["domains"][domain]
-        where = {"backbone": backbone, "setting": setting, "domain": domain, "method": method}
+    def eval_spec(self, backbone: str, setting: str, domain: str, method: str,
+                  seed: int | None = None) -> EvalConfig:
+        spec, seed = self.config["domains"][domain], self._seed(seed)
+        where = {"backbone": backbone, "setting": setting, "domain": domain, "method": method,
+                 "seed": seed}
         return EvalConfig(
-            method=method, model=self.trained_artefact(backbone, setting, method),
+            method=method, model=self.trained_artefact(backbone, setting, method, seed),
             store=path("store", domain=domain),
             episodes=path("episodes", domain=domain, kind="test", setting=setting),
             benchmark=spec.get("benchmark", self.evaluate.get("benchmark", DEFAULT_BENCHMARK)),
@@ -336,17 +366,20 @@ class Plan:
             out=path("rows", **where), selection=self.selection(**where),
             attacks=self.evaluate.get("attacks", []),
             corruptions=self.evaluate.get("corruptions", {}),
-            sanity=self.evaluate.get("sanity", {}), seed=self.config["seed"],
+            sanity=self.evaluate.get("sanity", {}), seed=seed,
             **self._image_options(domain), **self._run_options())
 
     # -- targets --------------------------------------------------------------------------------
-    def evaluations(self) -> list[dict[str, str]]:
-        """The wildcards of every evaluation job (a method over the released pool where the
-        backbone has one for the setting)."""
-        return [{"backbone": b, "setting": s, "domain": d, "method": m}
+    def evaluations(self) -> list[dict[str, object]]:
+        """The wildcards of every evaluation job: per training seed, except a method over the
+        released pool (one trained model: evaluated under the first seed only), which runs
+        where the backbone has one for the setting."""
+        return [{"backbone": b, "setting": s, "seed": seed, "domain": d, "method": m}
                 for b in self.train["backbones"] for s in self.evaluate["settings"]
-                for d in self.evaluate["targets"] for m in self.evaluate["methods"]
-                if not METHODS[m].released or self.release_checkpoint(b, s)]
+                for seed in self.seeds for d in self.evaluate["targets"]
+                for m in self.evaluate["methods"]
+                if not METHODS[m].released or (self.release_checkpoint(b, s)
+                                               and seed == self.seeds[0])]
 
     def selections(self) -> list[dict[str, str]]:
         """The wildcards of every selection job: evaluated methods and the bases they need."""
@@ -359,14 +392,15 @@ class Plan:
                     jobs.append(candidate)
         return jobs
 
-    def baselines(self) -> list[dict[str, str]]:
-        return [{"backbone": b, "setting": s, "trained": t} for b in self.train["backbones"]
-                for s in self.train["settings"] for t in self.trained_baselines]
-
-    def pools(self) -> list[dict[str, str]]:
-        return [{"backbone": b, "setting": s, "trained": t, "strategy": st}
+    def baselines(self) -> list[dict[str, object]]:
+        return [{"backbone": b, "setting": s, "seed": seed, "trained": t}
                 for b in self.train["backbones"] for s in self.train["settings"]
-                for t in self.trained_pooled for st in self.strategies]
+                for seed in self.seeds for t in self.trained_baselines]
+
+    def pools(self) -> list[dict[str, object]]:
+        return [{"backbone": b, "setting": s, "seed": seed, "trained": t, "strategy": st}
+                for b in self.train["backbones"] for s in self.train["settings"]
+                for seed in self.seeds for t in self.trained_pooled for st in self.strategies]
 
     def members(self) -> list[dict[str, object]]:
         return [{**pool, "member": i} for pool in self.pools() for i in range(len(self.budgets))]
@@ -414,7 +448,8 @@ class Plan:
     def spectra_files(self) -> list[str]:
         """The spectra the report draws: those of the merging methods of the first backbone and
         setting (spectra rows are keyed by domain and method only)."""
-        first = {"backbone": self.train["backbones"][0], "setting": self.evaluate["settings"][0]}
+        first = {"backbone": self.train["backbones"][0], "setting": self.evaluate["settings"][0],
+                 "seed": self.seeds[0]}
         return [path("spectra", **job) for job in self.evaluations()
                 if METHODS[job["method"]].merges and first.items() <= job.items()]
 

@@ -399,6 +399,10 @@ class PretrainConfig:
         self.crop_scale = tuple(self.crop_scale)
 
 
+# Hyper's fields a config fixes for every grid point (evaluate.<key>), not searched
+FIXED_HYPER = ("ft_steps", "ft_eps", "ft_attack_steps", "str_solver", "score_precision")
+
+
 @dataclass
 class SelectConfig:
     """One selection job: a grid search of ``method``'s test-time hyperparameters."""
@@ -438,9 +442,7 @@ class SelectConfig:
     @property
     def fixed(self) -> dict:
         """The Hyper fields it sets for every point (those given)."""
-        return {k: getattr(self, k) for k in ("ft_steps", "ft_eps", "ft_attack_steps",
-                                              "str_solver", "score_precision")
-                if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in FIXED_HYPER if getattr(self, k) is not None}
 
 
 @dataclass

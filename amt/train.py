@@ -394,7 +394,7 @@ def validate(tuner: MetaTuner, sets: Mapping[str, Dataset], workers: int) -> dic
 class Validation:
     """Validation after every epoch (and before the first, as epoch 0) on stored episodes, its
     log, and with keep='best' the best epoch's trainable tensors. The first epoch with the
-    highest score is the best (the release's strict improvement, main.py:180-186; its score
+    highest score is the best (the release's strict improvement, main.py:187-191; its score
     before training only seeds the comparison there, and is recorded, not kept, here)."""
 
     def __init__(self, sets: Mapping[str, Dataset], config: TrainConfig, path: Path) -> None:

@@ -22,6 +22,7 @@ WILDCARDS = {
     "trained": "|".join(TRAINED),
     "strategy": "|".join(POOL_STRATEGIES),
     "member": "[0-9]+",
+    "seed": "[0-9]+",
     "method": "|".join(METHODS),
 }
 BASELINES = "|".join(name for name, entry in TRAINED.items() if not entry.pooled)
@@ -31,8 +32,9 @@ NOT_MERGING = "|".join(name for name, entry in METHODS.items() if not entry.merg
 
 
 def evaluation(wildcards):
-    """(backbone, setting, domain, method) of a selection or evaluation job."""
-    return wildcards.backbone, wildcards.setting, wildcards.domain, wildcards.method
+    """(backbone, setting, domain, method, seed) of a selection or evaluation job."""
+    return (wildcards.backbone, wildcards.setting, wildcards.domain, wildcards.method,
+            int(wildcards.seed))
 
 
 def scaled(base):

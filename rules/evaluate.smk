@@ -4,7 +4,8 @@
 
 rule select_hyperparameters:
     input:
-        model=lambda wc: PLAN.trained_artefact(wc.backbone, wc.setting, wc.method),
+        model=lambda wc: PLAN.trained_artefact(wc.backbone, wc.setting, wc.method,
+                                               int(wc.seed)),
         store=path("store"),
         episodes=path("episodes", kind="valid"),
         base=lambda wc: PLAN.base_selection(*evaluation(wc)) or [],
@@ -30,7 +31,8 @@ rule select_hyperparameters:
 
 rule evaluate:
     input:
-        model=lambda wc: PLAN.trained_artefact(wc.backbone, wc.setting, wc.method),
+        model=lambda wc: PLAN.trained_artefact(wc.backbone, wc.setting, wc.method,
+                                               int(wc.seed)),
         store=path("store"),
         episodes=path("episodes", kind="test"),
         selection=lambda wc: PLAN.selection(*evaluation(wc)) or [],

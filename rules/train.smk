@@ -21,7 +21,8 @@ rule train_baseline:
     benchmark:
         benchmark("train_baseline")
     params:
-        spec=lambda wc: to_json(PLAN.baseline_spec(wc.backbone, wc.setting, wc.trained)),
+        spec=lambda wc: to_json(PLAN.baseline_spec(wc.backbone, wc.setting, wc.trained,
+                                                   int(wc.seed))),
         workers=loader_workers,
         out_dir=lambda wc, output: Path(output.model).parent,
     threads: 1
@@ -56,7 +57,7 @@ rule train_amt_member:
         benchmark("train_amt_member")
     params:
         spec=lambda wc: to_json(PLAN.member_spec(wc.backbone, wc.setting, wc.trained,
-                                                 wc.strategy, int(wc.member))),
+                                                 wc.strategy, int(wc.member), int(wc.seed))),
         workers=loader_workers,
         out_dir=lambda wc, output: Path(output.model).parent,
     threads: 1
@@ -74,7 +75,8 @@ rule train_amt_member:
 
 rule assemble_pool:
     input:
-        lambda wc: PLAN.pool_members(wc.backbone, wc.setting, wc.trained, wc.strategy),
+        lambda wc: PLAN.pool_members(wc.backbone, wc.setting, wc.trained, wc.strategy,
+                                     int(wc.seed)),
     output:
         PATHS["pool"],
     wildcard_constraints:
@@ -83,7 +85,7 @@ rule assemble_pool:
         log("assemble_pool"),
     params:
         spec=lambda wc: to_json(PLAN.pool_spec(wc.backbone, wc.setting, wc.trained,
-                                               wc.strategy)),
+                                               wc.strategy, int(wc.seed))),
     resources:
         mem_mb=2000,
         runtime=10,

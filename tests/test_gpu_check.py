@@ -41,7 +41,8 @@ def _ci_config() -> dict:
 
 
 def test_estimate_of_the_ci_config_by_hand():
-    """configs/ci.yaml: 4 training episodes per job (pm, lora, 2 amt members at 2 PGD steps),
+    """configs/ci.yaml, for each of its 2 training seeds: 4 training episodes per job (pm,
+    lora, 2 amt members at 2 PGD steps),
     each job validated on 2 episodes of glyphs before training and after its 1 epoch, amt
     selected on 2 domains over 2 validation episodes (3 grid points in two stages: the clean
     episode, 2 more forwards, an STr per point), 6 evaluations of 3 test episodes (PGD-2,
@@ -54,25 +55,26 @@ def test_estimate_of_the_ci_config_by_hand():
     frozen = 3 * (1 + 2 * 0.25 + 2 * 0.5) + 6 * 0.25
     pool = 3 * (3 + 0.1 + 2 * 0.25 + 2 * 0.5) + 6 * 0.25
     evaluate = 2 * (2 * frozen + pool)
+    train, select, evaluate = (2 * x for x in (train, select, evaluate))  # 2 seeds
     hours = got["gpu_hours"]
     assert hours["train"] * 3600 == pytest.approx(train)
     assert hours["select"] * 3600 == pytest.approx(select)
     assert hours["evaluate"] * 3600 == pytest.approx(evaluate)
     assert hours["total"] * 3600 == pytest.approx(train + select + evaluate)
-    assert got["jobs"] == {"train": 4, "select": 2, "evaluate": 6}
+    assert got["jobs"] == {"train": 8, "select": 4, "evaluate": 12}
     assert set(got["formulas"]) == {"train", "select", "evaluate", "total"}
 
 
 def test_estimate_counts_test_time_fine_tuning():
-    """pmf with lr in [0, 1e-3]: one of its two points fine-tunes (50 steps at a pm training
-    step each), and so does every evaluated episode."""
+    """pmf with lr in [0, 1e-3], per training seed (2): one of its two points fine-tunes (50
+    steps at a pm training step each), and so does every evaluated episode."""
     config = _ci_config()
     config["evaluate"]["methods"].append("pmf")
     config["evaluate"]["grids"]["pmf"] = {"lr": [0, 1.0e-3]}
     base = gpu_check.estimate(_ci_config(), _rates())["gpu_hours"]
     got = gpu_check.estimate(config, _rates())["gpu_hours"]
-    select = 2 * 2 * (1 + 0.5 + 50 * 10)
-    evaluate = 2 * (3 * (1 + 50 * 10 + 2 * 0.25 + 2 * 0.5) + 6 * 0.25)
+    select = 2 * 2 * 2 * (1 + 0.5 + 50 * 10)
+    evaluate = 2 * 2 * (3 * (1 + 50 * 10 + 2 * 0.25 + 2 * 0.5) + 6 * 0.25)
     assert (got["select"] - base["select"]) * 3600 == pytest.approx(select)
     assert (got["evaluate"] - base["evaluate"]) * 3600 == pytest.approx(evaluate)
     assert got["train"] == base["train"]
@@ -84,7 +86,7 @@ def test_estimate_names_the_missing_rate():
     config["train"]["settings"].append("5w5s")
     with pytest.raises(ValueError, match="no pm episode of 5 shots"):
         gpu_check.estimate(config, _rates())
-    assert gpu_check.estimate(config, _rates((1, 5)))["jobs"]["train"] == 8
+    assert gpu_check.estimate(config, _rates((1, 5)))["jobs"]["train"] == 2 * 2 * 4  # seeds
 
 
 def test_estimate_of_the_paper_config_runs_on_its_meta_dataset_training_episodes():

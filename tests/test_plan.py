@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from amt.plan import MEMBER_KEYS, PATHS, RUN_KEYS, Plan, mean_budget, path
+from amt.plan import MEMBER_KEYS, MEMBER_SEED_STRIDE, PATHS, RUN_KEYS, Plan, mean_budget, path
 from amt.registry import METHODS
 from amt.specs import EvalConfig, SelectConfig, StatsOptions, TrainConfig, from_json, to_json
 
@@ -38,14 +38,14 @@ def test_uniform_members_train_at_the_mean_budget_with_their_own_seeds():
     plan = _plan(budgets=["1/255", "2/255", "4/255"], pool_strategies=["uniform"])
     specs = [plan.member_spec("small_vit", "5w1s", "amt", "uniform", i) for i in range(3)]
     assert all(s.budgets == (7 / 765,) for s in specs)  # (1 + 2 + 4) / 3 / 255, exactly
-    assert [s.seed for s in specs] == [DEFAULT["seed"] + i for i in range(3)]
+    assert [s.seed for s in specs] == [DEFAULT["seed"] + MEMBER_SEED_STRIDE * i for i in range(3)]
     assert mean_budget(["1/255", 0.5]) == (1 / 255 + 0.5) / 2
 
 
 def test_random_members_draw_from_every_budget():
     plan = _plan(budgets=["1/255", "8/255"], pool_strategies=["random"])
     spec = plan.member_spec("small_vit", "5w1s", "amt", "random", 1)
-    assert spec.budgets == (1 / 255, 8 / 255) and spec.seed == DEFAULT["seed"] + 1
+    assert spec.budgets == (1 / 255, 8 / 255) and spec.seed == DEFAULT["seed"] + MEMBER_SEED_STRIDE
     assert {spec.episode_budget(i) for i in range(30)} == {1 / 255, 8 / 255}
 
 
@@ -69,7 +69,35 @@ def test_members_get_the_pool_keys_and_baselines_do_not():
 def test_each_method_reads_its_trained_artefact(method, artefact):
     plan = Plan(PAPER)
     assert plan.trained_artefact("dino_vits16", "5w1s", method) == \
-        f"results/models/dino_vits16/5w1s/{artefact}"
+        f"results/models/dino_vits16/5w1s/seed0/{artefact}"
+
+
+def test_every_training_seed_trains_selects_and_evaluates_on_the_same_episodes():
+    config = copy.deepcopy(PAPER)
+    config["train"]["seeds"] = [0, 1, 2]
+    plan, one = Plan(config), Plan(PAPER)
+    counts, single = plan.job_counts(), one.job_counts()
+    for rule in ("train_baseline", "train_amt_member", "assemble_pool"):
+        assert counts[rule] == 3 * single[rule], rule
+    for jobs in (Plan.evaluations, Plan.selections):  # the released pool: the first seed only
+        released = sum(METHODS[j["method"]].released for j in jobs(one))
+        assert released and len(jobs(plan)) == 3 * (len(jobs(one)) - released) + released
+    for rule in ("draw_episodes", "pretrain_backbone", "import_release", "convert"):
+        assert counts[rule] == single[rule], rule
+    members = [plan.member_spec(**job) for job in plan.members()
+               if job["strategy"] == "random" and job["backbone"] == "dino_vits16"
+               and job["setting"] == "5w1s"]
+    assert len({m.seed for m in members}) == len(members)  # no seed reused across runs
+    where = {"backbone": "dino_vits16", "setting": "5w1s", "domain": "cub", "method": "amt_ft"}
+    specs = [plan.eval_spec(**where, seed=seed) for seed in (0, 1, 2)]
+    assert len({s.episodes for s in specs}) == 1 and [s.seed for s in specs] == [0, 1, 2]
+    assert [str(s.model) for s in specs] == [
+        f"results/models/dino_vits16/5w1s/seed{k}/amt_separate/pool.pt" for k in (0, 1, 2)]
+    assert [str(s.selection) for s in specs] == [
+        f"results/selection/dino_vits16/5w1s/seed{k}/cub/amt_ft.json" for k in (0, 1, 2)]
+    assert len({str(s.out) for s in specs}) == 3
+    assert plan.select_spec(**where, seed=2).base_selection == \
+        Path("results/selection/dino_vits16/5w1s/seed2/cub/amt.json")
 
 
 def test_amt_release_reads_the_imported_release_wherever_a_backbone_has_one():
@@ -85,7 +113,7 @@ def test_amt_release_reads_the_imported_release_wherever_a_backbone_has_one():
     assert (spec.out, spec.backbone_out) == (
         Path("results/models/dino_vits16/5w1s/release/pool.pt"),
         Path("results/models/dino_vits16/5w1s/release/backbone.pt"))
-    assert spec.image_size == 128
+    assert spec.image_size == 128 and spec.pos_embed == "interpolate"  # as the release
     select = plan.select_spec("dino_vits16", "5w1s", "isic", "amt_release")
     assert select.model == Path(spec.out) and "top_k" not in select.grid
 
@@ -94,10 +122,10 @@ def test_amt_ft_chains_to_amts_selection():
     plan = Plan(PAPER)
     where = ("dino_vits16", "5w5s", "cub")
     spec = plan.select_spec(*where, "amt_ft")
-    assert str(spec.base_selection) == "results/selection/dino_vits16/5w5s/cub/amt.json"
+    assert str(spec.base_selection) == "results/selection/dino_vits16/5w5s/seed0/cub/amt.json"
     assert plan.base_selection(*where, "pmf") is None
     assert plan.eval_spec(*where, "amt_ft").selection == \
-        Path("results/selection/dino_vits16/5w5s/cub/amt_ft.json")
+        Path("results/selection/dino_vits16/5w5s/seed0/cub/amt_ft.json")
     assert plan.eval_spec(*where, "pm").selection is None
 
 
@@ -108,7 +136,7 @@ def test_evaluation_specs_carry_the_configs_threat_model_and_episodes():
     assert spec.episodes == Path(path("episodes", domain="glyphs", kind="test", setting="5w1s"))
     assert spec.attacks[0].eps == (1 / 255, 4 / 255) and spec.sanity.large_eps == 64 / 255
     assert spec.out == Path(path("rows", backbone="small_vit", setting="5w1s", domain="glyphs",
-                                 method="amt"))
+                                 method="amt", seed=DEFAULT["seed"]))
     assert not plan.eval_spec("small_vit", "5w1s", "mnist", "amt").in_domain
 
 
@@ -269,7 +297,7 @@ def test_training_episodes_and_validation_come_from_the_mapped_setting():
         (d, s, 7, 3) for d in ("glyphs", "mnist") for s in ("5w5s", "md_5w1s")]
     assert draws[0].setting == config["settings"][draws[0].setting_name]
     assert plan.validation_logs()[0] == \
-        "results/models/small_vit/5w1s/pm/valid_log.csv"
+        "results/models/small_vit/5w1s/seed0/pm/valid_log.csv"
 
 
 def test_validation_defaults_to_the_training_sources_and_is_off_without_its_key():
@@ -300,6 +328,7 @@ def test_the_baselines_read_their_models_and_selections_and_the_configs_settings
     TTF's budget and steps reach the selection specs."""
     plan = Plan(PAPER)
     where = {"backbone": "dino_vits16", "setting": "5w1s"}
+    seeded = {**where, "seed": PAPER["seed"]}
     spec = plan.baseline_spec(trained="styleadv", **where)
     assert (spec.method, spec.epochs, spec.lr, spec.schedule) == \
         ("styleadv", 20, 6.25e-6, "cosine_epoch_timm_after")
@@ -307,10 +336,11 @@ def test_the_baselines_read_their_models_and_selections_and_the_configs_settings
                  for m in ("styleadv", "styleadv_ft", "attnscale", "pmf_adv", "amt_ft_adv",
                            "attnscale_amt_ft")}
     assert artefacts["styleadv"] == artefacts["styleadv_ft"] == \
-        path("model", trained="styleadv", **where)
-    assert artefacts["attnscale"] == artefacts["pmf_adv"] == path("model", trained="pm", **where)
+        path("model", trained="styleadv", **seeded)
+    assert artefacts["attnscale"] == artefacts["pmf_adv"] == \
+        path("model", trained="pm", **seeded)
     assert artefacts["amt_ft_adv"] == artefacts["attnscale_amt_ft"] == \
-        path("pool", trained="amt", strategy="separate", **where)
+        path("pool", trained="amt", strategy="separate", **seeded)
     for method in ("amt_ft_adv", "attnscale_amt_ft"):
         assert plan.base_selection(domain="isic", method=method, **where) == \
             plan.selection(domain="isic", method="amt", **where)

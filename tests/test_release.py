@@ -237,7 +237,8 @@ def _image_folder(root: pathlib.Path, classes: int, per_class: int) -> pathlib.P
 
 def _workflow_config(tmp_path: pathlib.Path) -> dict:
     """configs/ci.yaml cut to one image-folder domain (5 train, 5 test classes), a tiny_vit
-    backbone file with a synthetic release for 5w1s, pm trained and evaluated beside it."""
+    backbone file with a synthetic release for 5w1s, pm trained (per training seed) and evaluated
+    beside it."""
     config = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
     raw = _image_folder(tmp_path / "tiles", classes=10, per_class=6)
     split = tmp_path / "split.json"
@@ -268,12 +269,14 @@ def test_the_workflow_imports_and_evaluates_the_release_beside_its_own_methods(t
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results = tmp_path / "run" / "results"
-    where = "tiny_vit/5w1s/tiles/amt_release"
+    where = "tiny_vit/5w1s/seed0/tiles/amt_release"  # the release: the first seed only
     rows = pd.read_csv(results / "eval" / f"{where}.csv")
     assert set(rows.attack) >= {"none", "pgd", "contrast"} and set(rows.backbone) == {"tiny_vit"}
     assert (results / "eval" / f"{where}.sanity.json").is_file()
     assert (results / "eval" / f"{where}.spectra.csv").is_file()
-    assert (results / "eval" / "tiny_vit/5w1s/tiles/pm.csv").is_file()
+    for seed in (0, 1):  # ci.yaml's training seeds
+        assert (results / "eval" / f"tiny_vit/5w1s/seed{seed}/tiles/pm.csv").is_file()
+    assert not (results / "eval" / "tiny_vit/5w1s/seed1/tiles/amt_release.csv").exists()
     assert json.loads((results / "selection" / f"{where}.json").read_text())
     log = (results / "logs" / "import_release" / "tiny_vit_5w1s.log").read_text()
     assert "4 experts of rank 2 on tiny_vit (epoch 3)" in log

@@ -48,8 +48,8 @@ for n, line in enumerate(log.read_text().splitlines() if log.exists() else [], 1
     "squeue": "#!/bin/sh\nexit 0\n",
 }
 
-EVAL = "results/eval/small_vit/5w1s/{domain}/lora.csv"  # lora: rule evaluate_merged
-MEMBER0 = "results/models/small_vit/5w1s/amt_separate/member0/model.pt"
+EVAL = "results/eval/small_vit/5w1s/seed0/{domain}/lora.csv"  # lora: rule evaluate_merged
+MEMBER0 = "results/models/small_vit/5w1s/seed0/amt_separate/member0/model.pt"
 # The runs, in order, each on outputs deleted just before it (its inputs all in place): the
 # report; two evaluations (one array); a conversion and a pool member's training, with retries.
 WAVES = [["results/tables"], [EVAL.format(domain="glyphs"), EVAL.format(domain="digits")],
