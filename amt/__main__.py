@@ -18,7 +18,7 @@ from amt.errors import UserError
 COMMANDS = {  # command -> (its module, one line of help)
     "episodes": ("amt.episode_files", "draw and store the episodes of a domain"),
     "pretrain": ("amt.pretrain", "supervised pretraining of the built-in backbone"),
-    "train": ("amt.train", "meta-tune a backbone (pm, lora or amt)"),
+    "train": ("amt.train", "meta-tune a backbone (pm, lora, amt or styleadv)"),
     "pool": ("amt.pool", "assemble meta-tuned adapters into one LoRA pool"),
     "import-release": ("amt.release", "convert the authors' released AMT checkpoint into a pool"),
     "select": ("amt.select", "per-domain hyperparameter grid search on validation episodes"),

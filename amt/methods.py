@@ -15,7 +15,11 @@ state (merged, trimmed, fine-tuned) inside it and restored when it exits.
 - ``finetune`` (pmf, amt_ft): PMF's test-time fine-tuning of the whole backbone on top: Adam,
   ``ft_steps`` steps at ``lr``, each on one DiffAugment copy of the support with prototypes from
   the clean support (both in one forward, gradients through both, as PMF); the weights are
-  restored in place afterwards.
+  restored in place afterwards. ``ft_params`` 'attnscale' (attnscale, attnscale_amt_ft):
+  only ATTNSCALE's vectors train, a scaling of each attention matrix's rows and eTT's
+  domain-residual offsets, applied by hooks (``AttentionScaling``). ``ft_adversarial``
+  (pmf_adv, amt_ft_adv, Adv. TTF): each step's copy is first attacked by l_inf PGD on the
+  fine-tuning loss within ``hyper.ft_eps``; the support itself stays clean.
 - kind 'pool' with combine 'ttm' (amt): test-time merging (docs/method.md): one DiffAugment
   copy Z of the support; for each member p alone (W = W_res + B_p A_p) prototypes from the clean
   support and cosine similarities of Z's embeddings to them; intra_p (a class's Z to its own
@@ -52,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from amt import devices
+from amt.attacks import pgd
 from amt.augment import augment_support
 from amt.backbones import Backbone
 from amt.checkpoints import MODEL_FORMAT, CheckpointError, load_tagged
@@ -61,7 +66,7 @@ from amt.lora import LoRALinear, lora_layers, merge, merged_weight
 from amt.models import load_trained
 from amt.pool import Pool, load_pool
 from amt.protonet import ProtoHead, prototypes
-from amt.registry import STR_LAYERS, TRAINED, MethodEntry, method_entry
+from amt.registry import FULL_BACKBONE_TRAINERS, STR_LAYERS, TRAINED, MethodEntry, method_entry
 from amt.rows import SPECTRA_COLUMNS
 from amt.specs import Hyper
 from amt.trim import trim
@@ -225,13 +230,17 @@ class EmbeddingCache:
 
 
 class FineTuned(Method):
-    """PMF's test-time fine-tuning on top of another method's setup (pmf: pm; amt_ft: amt).
-    Every tensor it trains is saved before and copied back after the episode, in place."""
+    """Test-time fine-tuning on top of another method's setup (pmf: pm; amt_ft: amt): the whole
+    backbone as PMF (``WholeBackbone``) or ATTNSCALE's scaling vectors (``AttentionScaling``);
+    ``adversarial`` (Adv. TTF): each step's augmented support copy is first attacked by l_inf
+    PGD on the fine-tuning loss (budget ``hyper.ft_eps``), the prototypes still from the clean
+    support. The backbone leaves the episode as it entered it."""
 
-    def __init__(self, base: Method, hyper: Hyper) -> None:
+    def __init__(self, base: Method, hyper: Hyper, params: str = "full",
+                 adversarial: bool = False) -> None:
         super().__init__(base.backbone, base.device, base.amp, base.seed, base.backbone_name)
-        self.base, self.hyper = base, hyper
-        self._saved: list[Tensor] | None = None
+        self.base, self.hyper, self.adversarial = base, hyper, adversarial
+        self.tuning = TUNINGS[params](self.backbone)
 
     def set_hyper(self, hyper: Hyper) -> None:
         self.hyper = hyper
@@ -243,26 +252,9 @@ class FineTuned(Method):
             if self.hyper.lr == 0 or self.hyper.ft_steps == 0:
                 yield head
                 return
-            tensors = tunable_tensors(self.backbone)
-            self._save(tensors)
-            try:
+            with self.tuning() as tensors:
                 self._finetune(tensors, head, xs, ys, index)
                 yield head
-            finally:
-                self._restore(tensors)
-
-    def _save(self, tensors: list[Tensor]) -> None:
-        if self._saved is None:
-            self._saved = [t.detach().clone() for t in tensors]
-        else:  # the same tensors every episode: reuse the snapshot buffers
-            for saved, t in zip(self._saved, tensors, strict=True):
-                saved.copy_(t)
-
-    def _restore(self, tensors: list[Tensor]) -> None:
-        with torch.no_grad():
-            for saved, t in zip(self._saved, tensors, strict=True):
-                t.requires_grad_(False)
-                t.copy_(saved)
 
     def _finetune(self, tensors: list[Tensor], head: ProtoHead, xs: Tensor, ys: Tensor,
                   index: int) -> None:
@@ -274,6 +266,8 @@ class FineTuned(Method):
         n, ways = len(xs), _ways(ys)
         for _ in range(self.hyper.ft_steps):
             z = augment_support(self.backbone, xs, generator)
+            if self.adversarial:
+                z = self.attack_copies(tensors, head, xs, ys, z, generator)
             with devices.autocast(self.device, self.amp):
                 embeddings = self.backbone(torch.cat([xs, z])).float()
             protos = prototypes(embeddings[:n], ys, ways)
@@ -281,6 +275,104 @@ class FineTuned(Method):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
+    def attack_copies(self, tensors: list[Tensor], head: ProtoHead, xs: Tensor, ys: Tensor,
+                      z: Tensor, generator: torch.Generator) -> Tensor:
+        """Adv. TTF's inner step: l_inf PGD (``ft_attack_steps`` steps of eps/4, random start)
+        maximising the fine-tuning's cross-entropy of the copies against the clean support's
+        prototypes at the current weights. The copies are clamped to the [0, 1] box first: the
+        threat model's images are pixels."""
+        h = self.hyper
+        for t in tensors:
+            t.requires_grad_(False)
+        try:
+            protos = prototypes(self.embed(xs), ys, _ways(ys))
+
+            def loss(x: Tensor) -> Tensor:
+                with devices.autocast(self.device, self.amp):
+                    return F.cross_entropy(head(self.backbone(x), protos), ys,
+                                           reduction="none")
+
+            start = torch.Generator(self.device).manual_seed(
+                int(torch.randint(2**62, (1,), generator=generator)))
+            return pgd(loss, z.clamp(0, 1), h.ft_eps, h.ft_eps / 4, h.ft_attack_steps,
+                       generator=start)
+        finally:
+            for t in tensors:
+                t.requires_grad_(True)
+
+
+class WholeBackbone:
+    """PMF's fine-tuned tensors (``tunable_tensors``), saved before and copied back after the
+    episode, in place."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+        self._saved: list[Tensor] | None = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[list[Tensor]]:
+        tensors = tunable_tensors(self.backbone)
+        if self._saved is None:
+            self._saved = [t.detach().clone() for t in tensors]
+        else:  # the same tensors every episode: reuse the snapshot buffers
+            for saved, t in zip(self._saved, tensors, strict=True):
+                saved.copy_(t)
+        try:
+            yield tensors
+        finally:
+            with torch.no_grad():
+                for saved, t in zip(self._saved, tensors, strict=True):
+                    t.requires_grad_(False)
+                    t.copy_(saved)
+
+
+class AttentionScaling:
+    """ATTNSCALE (Basu et al., AAAI 2024) as defined here: in every block a scaling vector per
+    attention matrix, W_q, W_k, W_v (the fused qkv's row blocks) and W_o (attn.proj), scaling
+    that matrix's output rows (W x + b -> s * (W x) + b, s from 1), and eTT's domain-residual
+    adapter (DRA): an offset vector per block added to the attention branch's and to the MLP
+    branch's outputs (from 0). Only these train; the backbone's own tensors are never written:
+    forward hooks apply them inside the episode and are removed after it."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        width = backbone.embed_dim
+        widths = {"qkv": 3 * width, "proj": width, "attn": width, "mlp": width}
+        modules = {"qkv": lambda b: b.attn.qkv, "proj": lambda b: b.attn.proj,
+                   "attn": lambda b: b.attn, "mlp": lambda b: b.mlp}
+        self.sites = [(site, modules[site](block)) for block in backbone.vit.blocks
+                      for site in widths]
+        self.vectors = [torch.zeros(widths[site], device=backbone.mean.device)
+                        for site, _ in self.sites]
+
+    @contextmanager
+    def __call__(self) -> Iterator[list[Tensor]]:
+        with torch.no_grad():
+            for (site, _), v in zip(self.sites, self.vectors, strict=True):
+                v.fill_(1.0 if site in ("qkv", "proj") else 0.0)
+        handles = [module.register_forward_hook(self._hook(site, v))
+                   for (site, module), v in zip(self.sites, self.vectors, strict=True)]
+        try:
+            yield self.vectors
+        finally:
+            for handle in handles:
+                handle.remove()
+            for v in self.vectors:
+                v.requires_grad_(False)
+
+    @staticmethod
+    def _hook(site: str, vector: Tensor):
+        def scale(module: nn.Module, inputs: tuple, out: Tensor) -> Tensor:
+            bias = 0 if module.bias is None else module.bias
+            return (out - bias) * vector.to(out.dtype) + bias
+
+        def offset(module: nn.Module, inputs: tuple, out: Tensor) -> Tensor:
+            return out + vector.to(out.dtype)
+
+        return scale if site in ("qkv", "proj") else offset
+
+
+TUNINGS = {"full": WholeBackbone, "attnscale": AttentionScaling}  # registry.FINETUNE_PARAMS
 
 
 def tunable_tensors(backbone: Backbone) -> list[Tensor]:
@@ -484,12 +576,13 @@ def load_method(name: str, model: Path, hyper: Hyper, device: torch.device, amp:
     """``name`` (a registry method) over the file its entry reads: a pm or lora model file, or
     a pool file."""
     entry = method_entry(name)
-    if entry.trained == "pm" and backbone_checkpoint is not None:
+    if entry.trained in FULL_BACKBONE_TRAINERS and backbone_checkpoint is not None:
         raise UserError(f"--backbone-checkpoint {backbone_checkpoint}: method {name} evaluates "
                         f"the full backbone stored in {model} and would ignore it; leave it out")
     method = _pool_method(entry, model, hyper, device, amp, seed, backbone_checkpoint) \
         if entry.pooled else _frozen_method(entry, model, device, amp, seed, backbone_checkpoint)
-    return FineTuned(method, hyper) if entry.finetune else method
+    return FineTuned(method, hyper, entry.ft_params, entry.ft_adversarial) if entry.finetune \
+        else method
 
 
 def _pool_method(entry: MethodEntry, model: Path, hyper: Hyper, device: torch.device, amp: bool,
@@ -507,7 +600,7 @@ def _frozen_method(entry: MethodEntry, model: Path, device: torch.device, amp: b
         raise CheckpointError(f"{model}: a {stored.get('method')!r} model file; method "
                               f"{entry.name} needs a {' or '.join(wanted)} model file")
     backbone, head = load_trained(Path(model), backbone_checkpoint, device)
-    if trainer != "pm":
+    if trainer not in FULL_BACKBONE_TRAINERS:
         merge(backbone.vit)  # the adapter merged once: a plain frozen backbone from here on
     return FrozenMethod(backbone, head, device, amp, seed, stored["backbone"])
 

@@ -18,7 +18,7 @@ from amt.checkpoints import (
 from amt.lora import LoRAState, inject_lora
 from amt.lora import load_state as load_lora_state
 from amt.protonet import ProtoHead
-from amt.registry import TRAINERS
+from amt.registry import FULL_BACKBONE_TRAINERS, TRAINERS
 
 
 def load_trained(path: Path, backbone_checkpoint: Path | None = None,
@@ -31,7 +31,7 @@ def load_trained(path: Path, backbone_checkpoint: Path | None = None,
     if obj["method"] not in TRAINERS:
         raise CheckpointError(f"{path}: a {obj['method']!r} model file has no ProtoNet head")
     pos_embed = recorded_pos_embed(obj)
-    if obj["method"] == "pm":
+    if obj["method"] in FULL_BACKBONE_TRAINERS:
         backbone = build_backbone(obj["backbone"], Path(path), obj["image_size"],
                                   pos_embed=pos_embed)
     else:

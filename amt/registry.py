@@ -192,8 +192,11 @@ TRAINED: Names = Names({e.name: e for e in (
     TrainedEntry("amt_standard_init", _AMT, pooled=True, switches=(("lora_init", "standard"),)),
     TrainedEntry("amt_lambda", _AMT, pooled=True),  # a sweep: SWEEPS["amt_lambda"]
     TrainedEntry("amt_single", _AMT, single_budget=True),
+    # StyleAdv (Fu et al., CVPR 2023): the whole backbone meta-trained with adversarial styles
+    TrainedEntry("styleadv", "styleadv"),
 )})
-TRAINERS = ("pm", "lora", "amt")
+TRAINERS = ("pm", "lora", "amt", "styleadv")
+FULL_BACKBONE_TRAINERS = ("pm", "styleadv")  # model files holding the whole backbone
 
 # -- the authors' released pool (imported, not trained) -------------------------------------------
 RELEASE = "release"  # the ``trained`` of methods over it: ``python -m amt import-release``
@@ -208,6 +211,9 @@ STR_KEYS = ("str_layers", "str_ratio")
 FINETUNE_KEYS = ("lr",)
 # scored top-k merge, 1/P merge, average of logits, a linear classifier over the members' logits
 COMBINE = ("ttm", "uniform", "logits", "linear")
+# What test-time fine-tuning trains: every backbone tensor (PMF), or only ATTNSCALE's scaling
+# vectors of the attention matrices (Basu et al., AAAI 2024; amt.methods.AttentionScaling)
+FINETUNE_PARAMS = ("full", "attnscale")
 
 
 @dataclass(frozen=True)
@@ -217,8 +223,9 @@ class MethodEntry:
     ``trained``: a ``TRAINED`` name, or ``RELEASE`` for the authors' pool imported from their
     checkpoint. kind 'frozen': a model file (pm, lora, amt_single) used as it is; kind 'pool':
     a LoRA pool combined by ``combine`` (with ``top_k`` fixed or selected), trimmed by STr if
-    ``trim``. ``finetune``: PMF's test-time fine-tuning on top. ``base``: the method whose
-    selection it starts from."""
+    ``trim``. ``finetune``: test-time fine-tuning on top, of ``ft_params`` (a
+    ``FINETUNE_PARAMS`` name); ``ft_adversarial``: on PGD-attacked copies of the augmented
+    support (Adv. TTF). ``base``: the method whose selection it starts from."""
 
     name: str
     label: str
@@ -230,6 +237,8 @@ class MethodEntry:
     top_k: int | None = None
     finetune: bool = False
     base: str | None = None
+    ft_params: str = "full"
+    ft_adversarial: bool = False
 
     @property
     def pooled(self) -> bool:
@@ -243,7 +252,8 @@ class MethodEntry:
     @property
     def merges(self) -> bool:
         """Its episode model holds merged LoRA weights (their spectra are an output)."""
-        return self.trained != "pm" and self.combine not in ("logits", "linear")
+        return self.trained not in FULL_BACKBONE_TRAINERS and \
+            self.combine not in ("logits", "linear")
 
     @property
     def tuned(self) -> tuple[str, ...]:
@@ -268,9 +278,18 @@ def _ablation(name: str, label: str) -> MethodEntry:
 METHODS: Names = Names({e.name: e for e in (
     MethodEntry("pm", "PM", "pm"),
     MethodEntry("pmf", "PMF", "pm", finetune=True),
+    # Adversarial test-time fine-tuning (Adv. TTF): PMF's, on attacked support copies
+    MethodEntry("pmf_adv", "PMF (Adv. TTF)", "pm", finetune=True, ft_adversarial=True),
+    MethodEntry("styleadv", "StyleAdv", "styleadv"),
+    MethodEntry("styleadv_ft", "StyleAdv-FT", "styleadv", finetune=True),
+    MethodEntry("attnscale", "ATTNSCALE", "pm", finetune=True, ft_params="attnscale"),
     MethodEntry("lora", "LoRA", "lora"),
     _pool("amt", "AMT", "ttm", trim=True),
     _pool("amt_ft", "AMT-FT", "ttm", trim=True, finetune=True, base="amt"),
+    _pool("amt_ft_adv", "AMT-FT (Adv. TTF)", "ttm", trim=True, finetune=True, base="amt",
+          ft_adversarial=True),
+    _pool("attnscale_amt_ft", "ATTNSCALE+AMT-FT", "ttm", trim=True, finetune=True, base="amt",
+          ft_params="attnscale"),
     _pool("amt_no_ttm", "AMT w/o TTM", "uniform"),
     _pool("amt_no_str", "AMT w/o STr", "ttm"),
     _pool("amt_weight_avg", "weight average", "uniform", trim=True),

@@ -161,12 +161,15 @@ class Hyper:
     str_layers: str = "none"  # a key of registry.STR_LAYERS
     str_ratio: float = 1.0  # rho
     lr: float = 0.0  # test-time fine-tuning (pmf, amt_ft); 0 = none
-    ft_steps: int = 50
     # amt_linear's classifier over the members' logits: Adam steps and rate, support copies
     linear_steps: int = 100
     linear_lr: float = 0.01
     linear_copies: int = 4
     # Fixed, not selected (set by the config's evaluate section, recorded with the selection):
+    ft_steps: int = 50
+    # Adv. TTF (pmf_adv, amt_ft_adv): l_inf PGD on the fine-tuning's support copies, step eps/4
+    ft_eps: float = 4 / 255
+    ft_attack_steps: int = 3
     str_solver: str = "exact"  # a registry.STR_SOLVERS name
     score_precision: str = "fp32"  # TTM's member scoring: a registry.SCORE_PRECISIONS name
 
@@ -175,6 +178,8 @@ class Hyper:
         _expect(self, _is_number(self.gamma, 0) and self.gamma <= 1, "gamma", "a number in [0, 1]")
         _ints(self, 1, "top_k", "linear_copies")
         _ints(self, 0, "ft_steps", "linear_steps")
+        _ints(self, 1, "ft_attack_steps")
+        object.__setattr__(self, "ft_eps", parse_budget(self.ft_eps, "ft_eps"))
         _choice(self, "str_layers", STR_LAYERS)
         _choice(self, "str_solver", STR_SOLVERS)
         _choice(self, "score_precision", SCORE_PRECISIONS)
@@ -298,6 +303,13 @@ class TrainConfig:
     apsv_detach_support: bool = True  # the ascent's support embeddings detached (the release)
     apsv_loss_support: str = "unperturbed"  # a registry.APSV_LOSS_SUPPORT name; the release
     lambda_adv: float = 6.0
+    # StyleAdv (SA = lovelyqian/StyleAdv-CDFSL @ d74ba1ce): each attacked block group draws its
+    # FGSM step on the style statistics from these (SA methods/engine_StyleAdv_ViT.py:53) and
+    # skips its adversarial style with probability styleadv_skip (P_THRED, tool_func.py:10);
+    # the global classifier learns at its own base lr (metatrain_StyleAdv_ViT.py:36, 119-125)
+    styleadv_epsilons: tuple[float, ...] = (0.8, 0.08, 0.008)
+    styleadv_skip: float = 0.4
+    styleadv_classifier_lr: float = 1e-3
     amp: bool = True  # bfloat16 autocast, on CUDA only
     device: str = "auto"
     workers: int = 0
@@ -306,6 +318,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
+        self.styleadv_epsilons = tuple(self.styleadv_epsilons)
+        if not self.styleadv_epsilons or not all(_is_number(e, 0)
+                                                 for e in self.styleadv_epsilons):
+            raise UserError(f"styleadv_epsilons={self.styleadv_epsilons!r}: expected a "
+                            "non-empty list of numbers >= 0")
+        _expect(self, _is_number(self.styleadv_skip, 0) and self.styleadv_skip <= 1,
+                "styleadv_skip", "a number in [0, 1]")
         if not isinstance(self.budgets, list | tuple) or not self.budgets:
             raise UserError(f"budgets={self.budgets!r}: expected a non-empty list of budgets")
         self.budgets = tuple(parse_budget(b, f"budgets[{i}]") for i, b in enumerate(self.budgets))
@@ -323,7 +342,7 @@ class TrainConfig:
               "log_every")
         _ints(self, 0, "seed", "warmup_epochs", "attack_steps", "workers")
         _numbers(self, 0, "lr", "momentum", "weight_decay", "warmup_lr", "min_lr", "awp_gamma",
-                 "lambda_adv")
+                 "lambda_adv", "styleadv_classifier_lr")
         _expect(self, isinstance(self.apsv_detach_support, bool), "apsv_detach_support",
                 "true or false")
         if self.attack_alpha is not None:
@@ -390,7 +409,7 @@ class PretrainConfig:
 
 
 # Hyper's fields a config fixes for every grid point (evaluate.<key>), not searched
-FIXED_HYPER = ("ft_steps", "str_solver", "score_precision")
+FIXED_HYPER = ("ft_steps", "ft_eps", "ft_attack_steps", "str_solver", "score_precision")
 
 
 @dataclass
@@ -407,6 +426,8 @@ class SelectConfig:
     backbone_checkpoint: Path | None = None
     # Hyper's fixed fields; None -> Hyper's default (or the base selection's)
     ft_steps: int | None = None
+    ft_eps: float | str | None = None  # Adv. TTF's budget, e.g. "4/255"
+    ft_attack_steps: int | None = None
     str_solver: str | None = None
     score_precision: str | None = None
     seed: int = 0

@@ -1,9 +1,11 @@
-"""Meta-tuning (pm, lora, amt) with resumable checkpoints.
+"""Meta-tuning (pm, lora, amt, styleadv) with resumable checkpoints.
 
 One entry point, ``train``; the method is a config choice:
 
 - ``pm``: the whole backbone and the ProtoNet head are trained (PMF's P>M).
 - ``lora``: only the SVD-initialised adapters and the head's scale.
+- ``styleadv``: the whole backbone as pm, with StyleAdv's adversarial styles and global
+  classifier (``amt.styleadv``).
 - ``amt``: as lora, adversarially: APQ attacks the queries (l_inf PGD maximising the KL between
   clean and attacked predictions), APSV perturbs the adapters AWP-style, and the loss is
   CE(clean) + lambda_adv * mean KL (direction ``kl_direction``; the release's KL(p_clean ||
@@ -77,7 +79,7 @@ from amt.lora import (
     standard_init,
 )
 from amt.protonet import ProtoHead, prototypes
-from amt.registry import TRAINERS, backbone_entry
+from amt.registry import FULL_BACKBONE_TRAINERS, TRAINERS, backbone_entry
 from amt.schedule import episode_lr
 from amt.specs import TrainConfig, add_spec_argument, spec_from_args
 
@@ -134,7 +136,7 @@ class MetaTuner:
         self.backbone = build_backbone(config.backbone, checkpoint, config.image_size,
                                        pos_embed=config.pos_embed)
         self.head = ProtoHead()
-        if config.method != "pm":
+        if config.method not in FULL_BACKBONE_TRAINERS:
             inject_lora(self.backbone.vit, config.rank, config.targets,  # SVD on the CPU
                         RESIDUAL_OF_INIT[config.lora_init])
             if config.lora_init == "standard":
@@ -348,8 +350,8 @@ class MetaTuner:
 
     def model_file(self, backbone_sha256: str | None, kept_epoch: int | None = None,
                    validation: Sequence[dict] = ()) -> dict:
-        """The finished model: pm the full backbone, lora/amt the adapters only; both the head;
-        which epoch's weights these are and every epoch's validation accuracies."""
+        """The finished model: pm and styleadv the full backbone, lora/amt the adapters only;
+        the head; which epoch's weights these are and every epoch's validation accuracies."""
         cfg = self.config
         content = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION,
                    "method": cfg.method, "backbone": cfg.backbone, "image_size": cfg.image_size,
@@ -357,7 +359,7 @@ class MetaTuner:
                    "backbone_sha256": backbone_sha256, "config": asdict(cfg),
                    "kept_epoch": cfg.epochs if kept_epoch is None else kept_epoch,
                    "validation": list(validation), "head": cpu_state(self.head.state_dict())}
-        if cfg.method == "pm":
+        if cfg.method in FULL_BACKBONE_TRAINERS:
             content["backbone_state"] = cpu_state(self.backbone.vit.state_dict())
         else:
             content.update(lora=cpu_state(get_state(self.backbone.vit).to_tensors()), rank=cfg.rank,
@@ -546,7 +548,7 @@ def train(config: TrainConfig, episodes: Dataset, out_dir: Path,
     devices.reset_peak_memory(device)
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    tuner = MetaTuner(config, device)
+    tuner = make_tuner(config, device, episodes)
     start, rng, validated = _resume(tuner, config, out_dir / CHECKPOINT, backbone_sha)
     loader = DataLoader(episodes, batch_size=None, sampler=range(start, total),
                         num_workers=config.workers, pin_memory=device.type == "cuda",
@@ -579,9 +581,22 @@ def train(config: TrainConfig, episodes: Dataset, out_dir: Path,
     return model_path
 
 
+def make_tuner(config: TrainConfig, device: torch.device, episodes: Dataset) -> MetaTuner:
+    """The method's tuner; styleadv's global classifier spans the episodes' classes
+    (``amt.styleadv.GlobalClassEpisodes``)."""
+    if config.method != "styleadv":
+        return MetaTuner(config, device)
+    from amt.styleadv import StyleAdvTuner  # it builds on this module
+
+    if not hasattr(episodes, "num_classes"):
+        raise UserError("styleadv trains a global classifier: its episodes must carry their "
+                        "classes' global labels (amt.styleadv.GlobalClassEpisodes)")
+    return StyleAdvTuner(config, device, episodes.num_classes)
+
+
 def _backbone_sha(config: TrainConfig) -> str | None:
     if config.backbone_checkpoint is None:
-        if config.method != "pm":
+        if config.method not in FULL_BACKBONE_TRAINERS:
             raise ValueError(f"method {config.method!r} needs backbone_checkpoint: the adapters "
                              "are only meaningful on the backbone file they were trained on")
         log.warning("pm from a randomly initialised %s", config.backbone)
@@ -674,7 +689,8 @@ _SWITCHES = {"--apq": "apq", "--apsv": "apsv", "--attack-random-start": "attack_
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` command."""
-    p = subparsers.add_parser("train", help="meta-tune a backbone (pm, lora or amt)")
+    p = subparsers.add_parser("train", help="meta-tune a backbone (pm, lora, amt or "
+                               "styleadv)")
     add_spec_argument(p, TrainConfig)
     p.add_argument("--stores", type=Path, nargs="+", required=True, help="HDF5 domain files")
     p.add_argument("--split", default="train")
@@ -697,14 +713,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from amt.episode_data import SampledEpisodeDataset
     from amt.episodes import sampler_from_setting
+    from amt.styleadv import GlobalClassEpisodes  # styleadv's episodes carry global labels
     from amt.transforms import train_transform
     from data_prep.store import DomainStore
 
     config = spec_from_args(TrainConfig, args)
     stores = [DomainStore(path) for path in args.stores]
-    dataset = SampledEpisodeDataset(stores, args.split, sampler_from_setting(config.setting),
-                                    train_transform(config.image_size), seed=config.seed,
-                                    length=config.total_episodes)
+    kind = GlobalClassEpisodes if config.method == "styleadv" else SampledEpisodeDataset
+    dataset = kind(stores, args.split, sampler_from_setting(config.setting),
+                   train_transform(config.image_size), seed=config.seed,
+                   length=config.total_episodes)
     validation = validation_sets(args.valid_stores, args.valid_episodes, config)
     train(config, dataset, args.out, validation)
     return 0

@@ -39,16 +39,21 @@ PAPER_CONFIG = REPO / "configs" / "paper.yaml"
 GLYPHS = {"scripts": ["Latin", "N'Ko", "Armenian"], "max_classes_per_script": 10,
           "instances": 8}
 TAIL_CHARS = 3000  # of a failed step's log, kept in the JSON
+# A StyleAdv episode in pm steps: 3 style attacks (a forward-backward each), the clean and the
+# adversarial pass and their backward (an estimate, not measured by bench_train)
+STYLEADV_PASSES = 5
 FORMULAS = {
     "train": "sum over baseline and pool-member jobs of epochs x episodes_per_epoch x "
              "t_train(case, shots) + (epochs + 1) x validation domains x validation episodes "
-             "x t_forward; case = pm | lora for baselines, amt for members with APQ "
+             "x t_forward; case = pm | lora for baselines (styleadv: 5 x t_pm), amt for "
+             "members with APQ "
              "(t_amt(k) = t_apsv + k / k_bench x (t_amt_bench - t_apsv): APQ's PGD scaled to "
              "the config's attack_steps k), apsv or lora without it; t_train: bench_train's "
              "median s/episode; shots: the evaluated setting's (its training episodes, "
              "train.episodes, have as many and at most as many queries)",
     "select": "sum over selection jobs of valid episodes x (t_clean + (G - 1) x t_forward "
-              "+ G x t_str [if the method trims] + G_ft x ft_steps x t_ft [if it fine-tunes]); "
+              "+ G x t_str [if the method trims] + G_ft x ft_steps x t_ft [if it fine-tunes; "
+              "Adv. TTF: x (1 + ft_attack_steps)]); "
               "G: grid points, G_ft: points with lr > 0; t_clean: bench_eval's amt episode "
               "(pool methods) or pm episode (pm, pmf, lora); t_forward: one forward of "
               "|S| + |Q| images; t_str: STr on every LoRA layer; t_ft: a pm training step "
@@ -114,6 +119,8 @@ class Rates:
 
     def train_step(self, spec, shots: int) -> float:
         """Seconds per episode of one training job's spec (a TrainConfig)."""
+        if spec.method == "styleadv":
+            return STYLEADV_PASSES * self._train("pm", shots)
         if spec.method != "amt" or not (spec.apq or spec.apsv):
             return self._train("pm" if spec.method == "pm" else "lora", shots)
         if not spec.apq:
@@ -135,8 +142,16 @@ class Rates:
         row = self._eval(shots)
         return max(row["pgd"] - row["amt"], 0.0) / row["steps"]
 
-    def finetune(self, method: str, shots: int, ft_steps: int) -> float:
-        return ft_steps * self._train("pm", shots) if METHODS[method].finetune else 0.0
+    def finetune(self, method: str, shots: int, ft_steps: int, attack_steps: int) -> float:
+        """A fine-tuning's steps, each a pm training step (Adv. TTF: and one per attack step
+        on the support copies, an overestimate: those run on the copies alone)."""
+        entry = METHODS[method]
+        passes = 1 + (attack_steps if entry.ft_adversarial else 0)
+        return ft_steps * passes * self._train("pm", shots) if entry.finetune else 0.0
+
+
+def _ft_attack_steps(plan: Plan) -> int:
+    return plan.evaluate.get("ft_attack_steps", Hyper().ft_attack_steps)
 
 
 def _setting_shots(plan: Plan, setting: str) -> int:
@@ -159,7 +174,7 @@ def _selection_seconds(plan: Plan, rates: Rates, job: dict) -> float:
     ft_steps = spec.ft_steps if spec.ft_steps is not None else Hyper().ft_steps
     per_episode = (rates.clean(method, shots) + (len(points) - 1) * rates.forward(shots)
                    + len(points) * rates.trim(method, shots)
-                   + tuned * rates.finetune(method, shots, ft_steps))
+                   + tuned * rates.finetune(method, shots, ft_steps, _ft_attack_steps(plan)))
     return plan.config["episodes"]["valid"]["count"] * per_episode
 
 
@@ -185,7 +200,9 @@ def _evaluation_seconds(plan: Plan, rates: Rates, job: dict) -> float:
     steps, sanity = _attack_steps(spec, conditions)
     forwards = sum(1 for c in conditions if c.spec is None and c.attack != "none")
     per_episode = (rates.clean(method, shots) + rates.trim(method, shots)
-                   + rates.finetune(method, shots, Hyper().ft_steps)
+                   + rates.finetune(method, shots,
+                                    plan.evaluate.get("ft_steps", Hyper().ft_steps),
+                                    _ft_attack_steps(plan))
                    + steps * rates.attack_step(shots) + forwards * rates.forward(shots))
     return episodes * per_episode + min(spec.sanity.episodes, episodes) * sanity * \
         rates.attack_step(shots)

@@ -16,6 +16,7 @@ from amt import devices
 from amt.attacks import pgd
 from amt.errors import UserError
 from amt.methods import FineTuned, load_method
+from amt.registry import METHODS
 from amt.specs import Hyper
 from amt.train import MetaTuner
 
@@ -48,11 +49,13 @@ def test_bfloat16_step_trains_float32_parameters_on_cuda(method):
     assert all(not torch.equal(mixed.params[n], before[n]) for n in learning)
 
 
-@pytest.mark.parametrize("name", ["pm", "pmf", "lora", "amt", "amt_ft", "amt_logit_avg"])
+@pytest.mark.parametrize("name", ["pm", "pmf", "lora", "amt", "amt_ft", "amt_logit_avg",
+                                  "pmf_adv", "amt_ft_adv", "attnscale", "attnscale_amt_ft"])
 def test_bfloat16_methods_adapt_and_are_attacked_on_cuda(pool_dir, name):
     """Every test-time family (amt with STr on every layer) adapts, classifies and is attacked
     on CUDA; logits stay float32 and agree with the float32 run on the same GPU."""
-    model = pool_dir / {"pm": "pm.pt", "pmf": "pm.pt", "lora": "member0.pt"}.get(name, "pool.pt")
+    files = {"pm": "pm.pt", "lora": "member0.pt"}
+    model = pool_dir / files.get(METHODS[name].trained, "pool.pt")
     hyper = Hyper(lr=1e-2, ft_steps=2, str_layers="all", str_ratio=0.5)
     xs, ys, xq, yq = (t.to(CUDA) for t in colour_episode())
     plain = load_method(name, model, hyper, CUDA, amp=False, seed=0)

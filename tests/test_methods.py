@@ -13,6 +13,7 @@ from builders import colour_episode
 from amt import methods
 from amt.attacks import pgd
 from amt.augment import augment_support, diff_augment
+from amt.backbones import build_backbone
 from amt.checkpoints import CheckpointError
 from amt.devices import torch_generator
 from amt.lora import lora_layers, merge
@@ -27,6 +28,7 @@ from amt.methods import (
 )
 from amt.models import load_trained
 from amt.pool import load_pool
+from amt.registry import FINETUNE_PARAMS, METHODS
 from amt.specs import Hyper
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -289,11 +291,13 @@ def test_merged_spectra_rows(pool_dir):
     assert np.all(values[16:] < 1e-4 * values[0]) and values[15] > 1e-3  # trimmed to rank 16
 
 
-@pytest.mark.parametrize("name", ["pm", "pmf", "lora", "amt", "amt_ft", "amt_logit_avg"])
+@pytest.mark.parametrize("name", ["pm", "pmf", "lora", "amt", "amt_ft", "amt_logit_avg",
+                                  "pmf_adv", "amt_ft_adv", "attnscale", "attnscale_amt_ft"])
 def test_mixed_precision_adapts_and_attacks(pool_dir, monkeypatch, name):
     """The CUDA path (bfloat16 autocast) on the CPU: every method adapts, classifies and is
     attacked; logits stay float32, agree with the float32 run, and the attack keeps its budget."""
-    model = pool_dir / {"pm": "pm.pt", "pmf": "pm.pt", "lora": "member0.pt"}.get(name, "pool.pt")
+    files = {"pm": "pm.pt", "lora": "member0.pt"}
+    model = pool_dir / files.get(METHODS[name].trained, "pool.pt")
     hyper = Hyper(lr=1e-2, ft_steps=2, str_layers="all", str_ratio=0.5)
     xs, ys, xq, yq = colour_episode()
     with load_method(name, model, hyper, CPU, amp=True, seed=0).adapt(xs, ys, 0, xq) as plain:
@@ -375,3 +379,95 @@ def test_amt_single_is_its_one_lora_frozen_without_a_per_episode_merge(pool_dir,
         torch.testing.assert_close(adapted.clean_logits, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(CheckpointError, match="needs a amt model file"):
         load_method("amt_single", pool_dir / "pm.pt", Hyper(), CPU)
+
+
+def test_every_fine_tuning_kind_is_built():
+    assert set(methods.TUNINGS) == set(FINETUNE_PARAMS)
+    assert {e.ft_params for e in METHODS.values()} <= set(FINETUNE_PARAMS)
+
+
+@pytest.mark.parametrize("name", ["attnscale", "attnscale_amt_ft"])
+def test_attnscale_trains_only_its_scaling_and_residual_vectors(pool_dir, name):
+    """Every backbone tensor is the same during and after the fine-tuning; what changes the
+    logits are ATTNSCALE's vectors (scalings from 1, DRA offsets from 0), gone after the
+    episode."""
+    model = pool_dir / ("pm.pt" if name == "attnscale" else "pool.pt")
+    hyper = Hyper(lr=5e-2, ft_steps=3)
+    method = load_method(name, model, hyper, CPU, seed=0)
+    xs, ys, xq, _ = colour_episode()
+    with method.adapt(xs, ys, 0, queries=xq) as adapted:
+        plain = adapted.clean_logits
+    method.set_hyper(Hyper(lr=0.0))
+    with method.adapt(xs, ys, 0, queries=xq) as adapted:
+        untuned = adapted.clean_logits
+    method.set_hyper(hyper)
+    before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
+    vectors = method.tuning.vectors
+    with method.adapt(xs, ys, 0, queries=xq) as adapted:
+        during = method.backbone.state_dict()
+        assert all(torch.equal(before[k], during[k]) for k in before)
+        assert not torch.allclose(adapted.clean_logits, untuned)
+        torch.testing.assert_close(adapted.clean_logits, plain, rtol=0, atol=0)
+        blocks = len(method.backbone.vit.blocks)
+        assert len(vectors) == 4 * blocks  # q/k/v (fused), o, DRA after attention and MLP
+        scalings, offsets = vectors[0::4] + vectors[1::4], vectors[2::4] + vectors[3::4]
+        assert all(not torch.equal(v, torch.ones_like(v)) for v in scalings)
+        assert all(not torch.equal(v, torch.zeros_like(v)) for v in offsets)
+        assert not any(p.requires_grad for p in method.backbone.parameters())
+    assert all(torch.equal(before[k], v) for k, v in method.backbone.state_dict().items())
+    with method.adapt(xs, ys, 0, queries=xq) as adapted:  # hooks gone, vectors reset
+        torch.testing.assert_close(adapted.clean_logits, plain, rtol=0, atol=0)
+
+
+def test_attnscale_scales_the_attention_matrices_rows_and_offsets_the_branches():
+    """With given vectors, block 0's qkv computes s * (W x) + b and its attention branch gets
+    the DRA offset added; outside the context the layers are timm's again."""
+    backbone = build_backbone("tiny_vit", None, 32)
+    attn = backbone.vit.blocks[0].attn
+    x = torch.randn(2, 5, attn.qkv.in_features)
+    plain = attn(x)
+    with methods.AttentionScaling(backbone)() as vectors, torch.no_grad():
+        vectors[0].copy_(torch.linspace(0.5, 2.0, len(vectors[0])))  # block 0: qkv's scaling
+        torch.testing.assert_close(attn.qkv(x),
+                                   F.linear(x, attn.qkv.weight) * vectors[0] + attn.qkv.bias)
+        vectors[0].fill_(1.0)
+        vectors[2].fill_(0.25)  # block 0: DRA after the attention branch
+        torch.testing.assert_close(attn(x), plain + 0.25)
+    torch.testing.assert_close(attn(x), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["pmf", "pmf_adv", "amt_ft", "amt_ft_adv"])
+def test_adversarial_ttf_trains_on_attacked_copies_and_prototypes_stay_clean(pool_dir, name,
+                                                                            monkeypatch):
+    """Adv. TTF: each fine-tuning step attacks its augmented support copies within ft_eps, and
+    the step's forward holds the clean support (the prototypes) and the attacked copies; the
+    non-adversarial variants never attack."""
+    model = pool_dir / ("pm.pt" if name.startswith("pmf") else "pool.pt")
+    eps = 8 / 255
+    method = load_method(name, model, Hyper(lr=1e-2, ft_steps=2, ft_eps=eps), CPU, seed=0)
+    xs, ys, xq, _ = colour_episode()
+    attacked, batches = [], []
+    original = FineTuned.attack_copies
+
+    def spy(self, tensors, head, xs_, ys_, z, generator):
+        out = original(self, tensors, head, xs_, ys_, z, generator)
+        attacked.append((z.clamp(0, 1), out))
+        return out
+
+    monkeypatch.setattr(FineTuned, "attack_copies", spy)
+    hook = method.backbone.register_forward_pre_hook(
+        lambda module, args: batches.append(args[0].detach().clone())
+        if torch.is_grad_enabled() and len(args[0]) == 2 * len(xs) else None)
+    with method.adapt(xs, ys, 0, queries=xq):
+        pass
+    hook.remove()
+    steps = [b for b in batches if torch.equal(b[:len(xs)], xs)]
+    if not name.endswith("_adv"):
+        assert attacked == [] and len(steps) == 2
+        return
+    assert len(attacked) == 2
+    for (z, adv), step in zip(attacked, steps[-2:], strict=True):
+        gap = (adv - z).abs()
+        assert float(gap.max()) <= eps + 1e-6 and float(gap.max()) > eps / 2
+        assert torch.equal(step[:len(xs)], xs)  # the clean support, for the prototypes
+        assert torch.equal(step[len(xs):], adv)  # trained on the attacked copies

@@ -197,13 +197,13 @@ def test_no_paper_selection_job_searches_more_points_than_the_release():
     merge = _stages(grids["amt"])[0]
     assert merge["top_k"] == [2] and (merge["beta"][0], merge["gamma"][0]) == (1.0, 0.6)
     assert _release_points({"beta": [1, 2], "gamma": [0.6], "str": ["none"] * 3}) == 5
-    assert Plan(DEFAULT).grid_sizes() == {"amt": 8, "amt_no_apq": 8}  # one stage: the product
+    assert Plan(DEFAULT).grid_sizes() == {"amt": 8}  # one stage: the product
 
 
 def test_the_summary_lists_jobs_per_rule_and_grid_points():
     summary = Plan(PAPER).summary()
-    assert summary.startswith("4406 jobs:")
-    assert re.search(r"^  select_hyperparameters +1656$", summary, re.M)
+    assert summary.startswith("5600 jobs:")
+    assert re.search(r"^  select_hyperparameters +2196$", summary, re.M)
     assert re.search(r"^  draw_episodes +88$", summary, re.M)  # 16 validate training
     assert re.search(r"^  amt_ft +4$", summary, re.M) and "fetch_builtin" not in summary
 
@@ -407,3 +407,30 @@ def test_the_trained_ablations_take_amts_overrides_then_their_own():
         "amt": (5, 1.0e-3), "amt_no_apq": (5, 1.0e-3), "amt_lambda_1": (5, 2.0e-3),
         "amt_single": (5, 1.0e-3)}
     assert plan.baseline_spec("small_vit", "5w1s", "pm").epochs == DEFAULT["train"]["epochs"]
+
+
+def test_the_baselines_read_their_models_and_selections_and_the_configs_settings():
+    """StyleAdv trains as a baseline of its own (SA's schedule), its and ATTNSCALE's test-time
+    methods read the right artefact, the amt-based ones start from amt's selection, and Adv.
+    TTF's budget and steps reach the selection specs."""
+    plan = Plan(PAPER)
+    where = {"backbone": "dino_vits16", "setting": "5w1s"}
+    seeded = {**where, "seed": PAPER["seed"]}
+    spec = plan.baseline_spec(trained="styleadv", **where)
+    assert (spec.method, spec.epochs, spec.lr, spec.schedule) == \
+        ("styleadv", 20, 6.25e-6, "cosine_epoch_timm_after")
+    artefacts = {m: plan.trained_artefact(method=m, **where)
+                 for m in ("styleadv", "styleadv_ft", "attnscale", "pmf_adv", "amt_ft_adv",
+                           "attnscale_amt_ft")}
+    assert artefacts["styleadv"] == artefacts["styleadv_ft"] == \
+        path("model", trained="styleadv", **seeded)
+    assert artefacts["attnscale"] == artefacts["pmf_adv"] == \
+        path("model", trained="pm", **seeded)
+    assert artefacts["amt_ft_adv"] == artefacts["attnscale_amt_ft"] == \
+        path("pool", trained="amt", strategy="separate", **seeded)
+    for method in ("amt_ft_adv", "attnscale_amt_ft"):
+        assert plan.base_selection(domain="isic", method=method, **where) == \
+            plan.selection(domain="isic", method="amt", **where)
+    select = plan.select_spec(domain="isic", method="pmf_adv", **where)
+    assert (select.ft_eps, select.ft_attack_steps) == ("4/255", 10)
+    assert select.fixed["ft_eps"] == "4/255"

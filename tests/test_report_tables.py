@@ -234,12 +234,12 @@ def test_spec_rejects_impossible_layouts() -> None:
 
 def test_methods_outside_every_accuracy_table_are_noted(tmp_path: Path,
                                                         results: pd.DataFrame) -> None:
-    renamed = results.assign(method=results.method.replace({"lora": "styleadv"}))
+    renamed = results.assign(method=results.method.replace({"lora": "unregistered"}))
     build_tables(renamed, tmp_path)
     index = (tmp_path / "tables.md").read_text()
-    assert "methods in no accuracy table (see the difference tables): styleadv" in index
+    assert "methods in no accuracy table (see the difference tables): unregistered" in index
     assert "corruption rows are shown in the corruption figures" in index
-    assert "styleadv" in (tmp_path / "difference_vs_pm_bscd_dino_5w5s_clean.md").read_text()
+    assert "unregistered" in (tmp_path / "difference_vs_pm_bscd_dino_5w5s_clean.md").read_text()
 
 
 
