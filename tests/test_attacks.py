@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from amt import attacks
 from amt.attacks import kl_divergence, kl_query_attack, pgd, pgd_until_fooled
 from amt.backbones import build_backbone
 from amt.protonet import ProtoHead, prototypes
@@ -139,7 +140,7 @@ def test_mean_kl_over_queries_is_the_releases_batchmean():
 
 
 @pytest.mark.parametrize("direction", ["clean_adv", "adv_clean"])
-def test_kl_query_attack_maximises_the_kl_of_its_direction(direction):
+def test_kl_query_attack_maximises_the_kl_of_its_direction(direction, monkeypatch):
     torch.manual_seed(0)
     backbone, head = build_backbone("tiny_vit", None, 32), ProtoHead()
     xs, ys, xq = torch.rand(4, 3, 32, 32), torch.tensor([0, 0, 1, 1]), torch.rand(6, 3, 32, 32)
@@ -158,12 +159,24 @@ def test_kl_query_attack_maximises_the_kl_of_its_direction(direction):
         log_adv, log_clean = F.log_softmax(logits(x), -1), F.log_softmax(clean, -1)
         return (log_adv.exp() * (log_adv - log_clean)).sum(-1)
 
-    expected = {"clean_adv": release_kl, "adv_clean": reverse_kl}
-    seeded = {"generator": torch.Generator().manual_seed(1)}
-    adv = kl_query_attack(logits, xq, EPS, EPS / 4, 3, direction, **seeded)
-    for name, loss in expected.items():
-        direct = pgd(loss, xq, EPS, EPS / 4, 3, generator=torch.Generator().manual_seed(1))
-        assert torch.equal(adv, direct) == (name == direction)
+    # The objective APQ hands to PGD, compared as values: the attacked images themselves would
+    # be compared bit for bit, and the two directions' gradient signs differ in about 1e-4 of
+    # the pixels, as much as one CPU's rounding differs from another's (AVX-512 vs AVX2).
+    objectives = []
+
+    def spy(loss, x, *args, **kwargs):
+        objectives.append(loss)
+        return x
+
+    monkeypatch.setattr(attacks, "pgd", spy)
+    assert torch.equal(kl_query_attack(logits, xq, EPS, EPS / 4, 3, direction), xq)
+    x = (xq + EPS * torch.randn_like(xq).sign()).clamp(0, 1)
+    with torch.no_grad():
+        got = objectives[0](x)
+        values = {"clean_adv": release_kl(x), "adv_clean": reverse_kl(x)}
+    for name, value in values.items():
+        close = torch.allclose(got, value, rtol=1e-4, atol=1e-7)
+        assert close == (name == direction), name
 
 
 def test_kl_query_attack_raises_kl_within_budget():
