@@ -39,7 +39,9 @@ def parse_budget(value: object, where: str) -> float:
 
 
 # -- threat model ---------------------------------------------------------------------------------
-ATTACKS = ("pgd", "apgd_ce", "apgd_t")
+# autoattack: the worst case per query over torchattacks' AutoAttack (standard): APGD-CE, APGD-T,
+# FAB-T and Square (amt/conditions.py)
+ATTACKS = ("pgd", "apgd_ce", "apgd_t", "autoattack")
 NORMS = ("linf", "l2")
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gaussian_blur",
                "contrast", "brightness", "jpeg")
