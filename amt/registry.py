@@ -95,11 +95,17 @@ POOL_STRATEGIES = ("separate", "uniform", "random")  # how a pool's members get 
 @dataclass(frozen=True)
 class TrainedEntry:
     """A meta-tuning run: ``trainer`` is the algorithm of ``python -m amt train --method``;
-    a pooled entry trains one member per budget and is assembled into one pool per strategy."""
+    a pooled entry trains one member per budget and is assembled into one pool per strategy.
+    ``switches``: the TrainConfig fields this variant sets over train.amt's (an ablation)."""
 
     name: str
     trainer: str
     pooled: bool = False
+    switches: tuple[tuple[str, object], ...] = ()
+
+    def trains_with(self, part: str) -> bool:
+        """AMT's adversarial part ``part`` (TrainConfig's apq or apsv) is on in this run."""
+        return self.trainer == "amt" and dict(self.switches).get(part, True) is not False
 
 
 TRAINED: dict[str, TrainedEntry] = {e.name: e for e in (
@@ -130,8 +136,8 @@ class MethodEntry:
     ``trained``: a ``TRAINED`` name, or ``RELEASE`` for the authors' pool imported from their
     checkpoint. kind 'frozen': a model file (pm, lora) used as it is; kind 'pool': a LoRA pool
     combined by ``combine`` (with ``top_k`` fixed or selected), trimmed by STr if ``trim``.
-    ``finetune``: PMF's test-time fine-tuning on top. ``base``: the method whose selection it
-    starts from."""
+    ``finetune``: PMF's test-time fine-tuning on top; ``ft_adversarial``: on attacked support
+    copies (Adv. TTF). ``base``: the method whose selection it starts from."""
 
     name: str
     label: str
@@ -143,6 +149,7 @@ class MethodEntry:
     top_k: int | None = None
     finetune: bool = False
     base: str | None = None
+    ft_adversarial: bool = False
 
     @property
     def pooled(self) -> bool:
@@ -241,6 +248,25 @@ BACKBONES: dict[str, BackboneEntry] = {e.name: e for e in (
     BackboneEntry("tiny_vit", "test_vit", "own", 32, OWN_WEIGHTS,
                   {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}, _HALF, _HALF),
 )}
+
+
+# -- the paper's ablation table ------------------------------------------------------------------
+# AMT's components, each switched off in a row of the paper's ablation: the adversarial query
+# set and the adversarial perturbation of singular values (meta-tuning), the robust LoRA pool,
+# test-time merging and singular value trimming (test time)
+COMPONENTS = ("APQ", "APSV", "RLP", "TTM", "STr")
+
+
+def components(method: str) -> dict[str, bool]:
+    """Which of AMT's components ``method`` uses, from its entries: APQ and APSV from its
+    trained run's trainer and switches (the authors' released pool: both, it is adversarially
+    meta-tuned), RLP a pool, TTM the scored merge, STr the trimming."""
+    entry = method_entry(method)
+    trained = TRAINED.get(entry.trained)
+    adversarial = {part: trained.trains_with(part.lower()) if trained else entry.released
+                   for part in ("APQ", "APSV")}
+    return {**adversarial, "RLP": entry.pooled, "TTM": entry.combine == "ttm",
+            "STr": entry.trim}
 
 
 def backbone_entry(name: str) -> BackboneEntry:
