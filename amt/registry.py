@@ -262,7 +262,7 @@ def components(method: str) -> dict[str, bool]:
     trained run's trainer and switches (the authors' released pool: both, it is adversarially
     meta-tuned), RLP a pool, TTM the scored merge, STr the trimming."""
     entry = method_entry(method)
-    trained = TRAINED.get(entry.trained)
+    trained = TRAINED[entry.trained] if entry.trained in TRAINED else None  # None: RELEASE
     adversarial = {part: trained.trains_with(part.lower()) if trained else entry.released
                    for part in ("APQ", "APSV")}
     return {**adversarial, "RLP": entry.pooled, "TTM": entry.combine == "ttm",
