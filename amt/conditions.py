@@ -9,7 +9,9 @@ Randomness comes from generators fixed by (seed, episode, condition): results do
 which other conditions run.
 
 Loss: cross-entropy of the adapted logits (PGD, APGD-CE) or the targeted DLR loss (APGD-T, over
-the min(9, N - 1) most likely wrong classes, n_classes = N). A query counts as robust only if it
+the min(9, N - 1) most likely wrong classes, n_classes = N). autoattack: torchattacks'
+AutoAttack (standard) taken apart, each of APGD-CE, APGD-T, FAB-T and Square run on every query
+(``_autoattack``): robust only if all four fail. A query counts as robust only if it
 is classified correctly after every restart; a query the clean model misclassifies is not robust
 (it is not attacked).
 """
@@ -112,9 +114,54 @@ def _apgd_t(torchattacks, classifier: nn.Module, spec: AttackSpec, eps: float, s
     return attack
 
 
+class WorstCase:
+    """Several attacks, each run on every query it is given: a query's adversarial is the
+    first attack's that fools the classifier, else the query itself. So a query survives only
+    if every attack fails on it, and the accuracy is at most each attack's alone."""
+
+    def __init__(self, classifier: nn.Module, attacks: list) -> None:
+        self.classifier, self.attacks = classifier, attacks
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        adversarial, standing = x.clone(), torch.ones_like(y, dtype=torch.bool)
+        for attack in self.attacks:
+            candidate = attack(x, y)
+            fooled = _predict(self.classifier, candidate) != y
+            adversarial[fooled & standing] = candidate[fooled & standing]
+            standing &= ~fooled
+        return adversarial
+
+
+def _autoattack(torchattacks, classifier: nn.Module, spec: AttackSpec, eps: float, seed: int,
+                ways: int) -> WorstCase:
+    """torchattacks' AutoAttack(version='standard') composition (APGD-CE, APGD-T, FAB-T,
+    Square, one seed), with ``spec.steps`` iterations of APGD-CE, APGD-T and FAB-T (the
+    original's 100; torchattacks leaves its default 10), ``spec.queries`` of Square,
+    ``spec.restarts`` each, min(9, N - 1) target classes (the original's 9). Unlike its
+    MultiAttack, which attacks only the queries the earlier attacks left standing, every
+    attack runs on every query: the same run as the attack alone, so the worst case per query
+    is at most each attack's accuracy on every episode (at the cost of attacking queries
+    already broken)."""
+    if ways < APGD_T_MIN_WAYS:
+        raise ValueError(f"autoattack: a {ways}-way episode; its APGD-T needs at least "
+                         f"{APGD_T_MIN_WAYS} classes")
+    attacks = torchattacks.AutoAttack(classifier, norm=_NORMS[spec.norm], eps=eps,
+                                      version="standard", n_classes=ways,
+                                      seed=seed)._autoattack.attacks
+    for attack in attacks:
+        attack.n_restarts = spec.restarts
+        if hasattr(attack, "n_target_classes"):  # APGD-T, FAB-T
+            attack.n_target_classes = min(9, ways - 1)
+        if hasattr(attack, "n_queries"):  # Square
+            attack.n_queries = spec.queries
+        else:
+            attack.steps = spec.steps
+    return WorstCase(classifier, attacks)
+
+
 _NORMS = {"linf": "Linf", "l2": "L2"}  # torchattacks' names
 # The registry's attacks that torchattacks runs (pgd is amt.attacks'): name -> its builder.
-TORCHATTACKS = {"apgd_ce": _apgd_ce, "apgd_t": _apgd_t}
+TORCHATTACKS = {"apgd_ce": _apgd_ce, "apgd_t": _apgd_t, "autoattack": _autoattack}
 
 
 def torchattack(classifier: nn.Module, spec: AttackSpec, eps: float, seed: int, ways: int):
@@ -132,17 +179,17 @@ def uniform_noise(x: Tensor, eps: float, generator: torch.Generator) -> Tensor:
     return (x + (2 * noise - 1) * eps).clamp(0, 1)
 
 
-def condition_accuracy(classifier: nn.Module, xq: Tensor, yq: Tensor, condition: Condition,
-                       correct: Tensor, seed: int, index: int) -> float:
-    """Accuracy of the adapted classifier on the queries under one non-clean condition."""
+def condition_verdicts(classifier: nn.Module, xq: Tensor, yq: Tensor, condition: Condition,
+                       correct: Tensor, seed: int, index: int) -> Tensor:
+    """Which queries the adapted classifier gets right under one non-clean condition."""
     keys = (index, condition.key)
     if condition.spec is not None:
-        survived = robust_correct(classifier, xq, yq, condition.spec, condition.eps, correct,
-                                  seed, *keys)
-        return survived.float().mean().item()
+        return robust_correct(classifier, xq, yq, condition.spec, condition.eps, correct, seed,
+                              *keys)
     generator = torch_generator(seed, *keys)
     if condition.norm == "corruption":
         x = corrupt(xq, condition.attack, int(condition.eps), generator)
     else:
         x = uniform_noise(xq, condition.eps, generator)
-    return (_predict(classifier, x) == yq).float().mean().item()
+    return _predict(classifier, x) == yq
+

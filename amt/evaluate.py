@@ -8,8 +8,9 @@ prototypes; it cannot touch the support or the adaptation). Perturbations live i
 space, normalisation being inside the model: an attacked query is x + delta in [0, 1] with
 ||delta||_inf <= eps or ||delta||_2 <= eps. Loss: cross-entropy of the adapted logits (PGD,
 APGD-CE) or the targeted DLR loss (APGD-T, over the min(9, N - 1) most likely wrong classes,
-n_classes = N). A query counts as robust only if it is classified correctly after every
-restart; a query the clean model misclassifies is not robust (it is not attacked).
+n_classes = N); autoattack: robust only if APGD-CE, APGD-T, FAB-T and Square all fail. A query
+counts as robust only if it is classified correctly after every restart; a query the clean
+model misclassifies is not robust (it is not attacked).
 
 The conditions (clean, attacks, noise, corruptions) are ``amt.conditions``'; the sanity checks
 (Carlini et al. 2019) ``amt.sanity``'s.
@@ -39,14 +40,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from amt import devices
 from amt.checkpoints import sha256, write_json_atomic
-from amt.conditions import CLEAN, Condition, build_conditions, condition_accuracy
+from amt.conditions import CLEAN, Condition, build_conditions, condition_verdicts
 from amt.episode_files import store_fingerprint
 from amt.episodes import Episode
 from amt.jobs import load_episode_job
 from amt.methods import EmbeddingCache, FrozenMethod, merged_spectra
 from amt.registry import TEST_TRANSFORMS, method_entry
 from amt.rows import parse_spectra, validate_results, write_csv_atomic
-from amt.sanity import sanity_checks, sanity_runs
+from amt.sanity import sanity_checks, sanity_runs, worst_case_runs
 from amt.selections import read_selection
 from amt.specs import EvalConfig, add_spec_argument, spec_from_args
 from data_prep.store import DomainStore
@@ -171,10 +172,12 @@ class Evaluation:
             context = self.method.adapt(xs, ys, index, queries=xq)
         with context as adapted:
             correct = adapted.clean_logits.argmax(-1) == yq
+            verdicts = {c: condition_verdicts(adapted.classifier, xq, yq, c, correct,
+                                              self.config.seed, index)
+                        for c in self.conditions[1:]}
             results = [(CLEAN, correct.float().mean().item())]
-            results += [(c, condition_accuracy(adapted.classifier, xq, yq, c, correct,
-                                               self.config.seed, index))
-                        for c in self.conditions[1:]]
+            results += [(c, v.float().mean().item()) for c, v in verdicts.items()]
+            self.extras += worst_case_runs(verdicts, index)
             if index < self.config.sanity.episodes:
                 self.extras += sanity_runs(adapted.classifier, xq, yq, correct, index,
                                            self.conditions, self.config.attacks,

@@ -40,7 +40,9 @@ def parse_budget(value: object, where: str) -> float:
 
 
 # -- threat model ---------------------------------------------------------------------------------
-ATTACKS = ("pgd", "apgd_ce", "apgd_t")
+# autoattack: the worst case per query over torchattacks' AutoAttack (standard): APGD-CE, APGD-T,
+# FAB-T and Square (amt/conditions.py)
+ATTACKS = ("pgd", "apgd_ce", "apgd_t", "autoattack")
 NORMS = ("linf", "l2")
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "gaussian_blur",
                "contrast", "brightness", "jpeg")
@@ -110,6 +112,10 @@ class TrainedEntry:
     pooled: bool = False
     switches: tuple[tuple[str, object], ...] = ()
     single_budget: bool = False
+
+    def trains_with(self, part: str) -> bool:
+        """AMT's adversarial part ``part`` (TrainConfig's apq or apsv) is on in this run."""
+        return self.trainer == "amt" and dict(self.switches).get(part, True) is not False
 
 
 class Names(dict):
@@ -362,6 +368,25 @@ BACKBONES: dict[str, BackboneEntry] = {e.name: e for e in (
     BackboneEntry("tiny_vit", "test_vit", "own", 32, OWN_WEIGHTS,
                   {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}, _HALF, _HALF),
 )}
+
+
+# -- the paper's ablation table ------------------------------------------------------------------
+# AMT's components, each switched off in a row of the paper's ablation: the adversarial query
+# set and the adversarial perturbation of singular values (meta-tuning), the robust LoRA pool,
+# test-time merging and singular value trimming (test time)
+COMPONENTS = ("APQ", "APSV", "RLP", "TTM", "STr")
+
+
+def components(method: str) -> dict[str, bool]:
+    """Which of AMT's components ``method`` uses, from its entries: APQ and APSV from its
+    trained run's trainer and switches (the authors' released pool: both, it is adversarially
+    meta-tuned), RLP a pool, TTM the scored merge, STr the trimming."""
+    entry = method_entry(method)
+    trained = None if entry.trained == RELEASE else TRAINED[entry.trained]
+    adversarial = {part: trained.trains_with(part.lower()) if trained else entry.released
+                   for part in ("APQ", "APSV")}
+    return {**adversarial, "RLP": entry.pooled, "TTM": entry.combine == "ttm",
+            "STr": entry.trim}
 
 
 def backbone_entry(name: str) -> BackboneEntry:

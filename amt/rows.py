@@ -13,7 +13,7 @@ Columns (``COLUMNS``, every one required; extra columns are kept untouched):
 | method | str | a method of the registry (``amt.registry.METHODS``) |
 | setting | str | 5w1s, 5w5s, vary, ... |
 | episode | int >= 0 | index into the stored test episodes, shared by every method |
-| attack | str | none, pgd, apgd_ce, apgd_t, noise, or a corruption (gaussian_noise, ...) |
+| attack | str | none, pgd, apgd_ce, apgd_t, autoattack, noise, or a corruption (contrast, ...) |
 | norm | str | none, linf, l2 or corruption |
 | eps | float | 0 when clean; the budget for linf/l2 (> 0); the severity 1..5 for corruptions |
 | accuracy | float in [0, 1] | fraction of the episode's queries classified correctly |

@@ -86,6 +86,7 @@ def _optional_path(value: object) -> Path | None:
 
 # -- threat model ---------------------------------------------------------------------------------
 ALPHA_FACTOR = 2.5  # default PGD step size: 2.5 eps / steps (Madry et al. 2018)
+SQUARE_QUERIES = 5000  # AutoAttack standard's Square (Croce & Hein 2020; torchattacks' too)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class AttackSpec:
     restarts: int = 1
     alpha: float | None = None  # PGD step size; None -> ALPHA_FACTOR * eps / steps
     random_start: bool = True  # PGD only (APGD always starts at a random point)
+    queries: int = SQUARE_QUERIES  # autoattack only: Square's query budget per restart
 
     def __post_init__(self) -> None:
         _choice(self, "attack", ATTACKS)
@@ -106,7 +108,9 @@ class AttackSpec:
         if not isinstance(self.eps, list | tuple) or not self.eps:
             raise UserError(f"eps={self.eps!r}: expected a non-empty list of budgets")
         object.__setattr__(self, "eps", tuple(parse_budget(e, "eps") for e in self.eps))
-        _ints(self, 1, "steps", "restarts")
+        _ints(self, 1, "steps", "restarts", "queries")
+        _expect(self, self.attack == "autoattack" or self.queries == SQUARE_QUERIES, "queries",
+                "left out: only autoattack runs Square")
         if self.alpha is not None:
             object.__setattr__(self, "alpha", parse_budget(self.alpha, "alpha"))
         _expect(self, isinstance(self.random_start, bool), "random_start", "true or false")

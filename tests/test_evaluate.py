@@ -16,7 +16,7 @@ from builders import make_episodes, make_pool, model_file, template_domain
 
 from amt.attacks import pgd
 from amt.checkpoints import sha256
-from amt.conditions import Condition, build_conditions, robust_correct, torchattack
+from amt.conditions import CLEAN, Condition, build_conditions, robust_correct, torchattack
 from amt.evaluate import evaluate, register
 from amt.methods import load_method
 from amt.rows import load_results, load_spectra
@@ -148,6 +148,58 @@ def test_apgd_attacks_through_torchattacks(files):
             torchattack(adapted.classifier, AttackSpec("apgd_t", "linf", (0.1,)), 0.1, 0, 3)
 
 
+def _alone(torchattacks, classifier, eps: float, seed: int) -> dict:
+    """AutoAttack's four attacks built by hand, as the original's standard version lists them
+    (5-way: 4 target classes), 4 iterations, 60 Square queries."""
+    targeted = dict(eps=eps, seed=seed, n_classes=5)
+    return {"apgd_ce": torchattacks.APGD(classifier, eps=eps, seed=seed, loss="ce", steps=4),
+            "apgd_t": torchattacks.APGDT(classifier, steps=4, **targeted),
+            "fab_t": torchattacks.FAB(classifier, multi_targeted=True, steps=4, **targeted),
+            "square": torchattacks.Square(classifier, eps=eps, seed=seed, n_queries=60)}
+
+
+def test_autoattack_is_at_most_each_of_its_attacks_on_every_episode(files):
+    """autoattack's accuracy on an episode is at most that of APGD-CE, APGD-T, FAB-T and Square
+    run alone with its seed and settings; it attacks with the configured steps and queries."""
+    torchattacks = pytest.importorskip("torchattacks")
+    from amt.conditions import WorstCase
+    from amt.episodes import episode_rng
+
+    method = load_method("amt", files["pool"], Hyper(), CPU)
+    spec = AttackSpec("autoattack", "linf", (1 / 255,), steps=4, queries=60)
+    ys, yq = torch.arange(5), torch.arange(5).repeat_interleave(3)
+    found = []
+    for episode in range(3):
+        g = torch.Generator().manual_seed(episode)
+        xs = torch.rand(5, 3, 32, 32, generator=g)
+        xq = (xs[yq] + 0.15 * torch.randn(len(yq), 3, 32, 32, generator=g)).clamp(0, 1)
+        with method.adapt(xs, ys, episode, queries=xq) as adapted:
+            correct = adapted.clean_logits.argmax(-1) == yq
+            survived = robust_correct(adapted.classifier, xq, yq, spec, spec.eps[0], correct,
+                                      0, episode)
+            seed = int(episode_rng(0, episode).integers(2**31))
+            alone = {}
+            for name, attack in _alone(torchattacks, adapted.classifier, spec.eps[0],
+                                       seed).items():
+                adversarial = attack(xq[correct], yq[correct])
+                kept = adapted.classifier(adversarial).argmax(-1) == yq[correct]
+                alone[name] = kept.sum().item()
+            found.append((survived.sum().item(), alone, correct.sum().item()))
+            built = torchattack(adapted.classifier, spec, spec.eps[0], seed, 5)
+    for robust, alone, _ in found:  # queries kept, of 15
+        assert robust <= min(alone.values()), (robust, alone)
+    assert any(0 < robust < clean for robust, _, clean in found)
+    assert isinstance(built, WorstCase)
+    assert [type(a).__name__ for a in built.attacks] == ["APGD", "APGDT", "FAB", "Square"]
+    assert [getattr(a, "steps", None) for a in built.attacks] == [4, 4, 4, None]
+    assert built.attacks[3].n_queries == 60 and built.attacks[2].multi_targeted
+    assert built.attacks[1].n_target_classes == built.attacks[2].n_target_classes == 4
+    with pytest.raises(ValueError, match="autoattack: a 3-way episode"):
+        torchattack(adapted.classifier, spec, 0.1, 0, 3)
+    with pytest.raises(ValueError, match="queries=60: expected left out"):
+        AttackSpec("apgd_ce", "linf", (0.1,), queries=60)
+
+
 @pytest.mark.parametrize("name", ["amt", "amt_logit_avg", "pm"])
 def test_torchattacks_leave_every_module_in_eval_mode(files, name):
     """torchattacks calls train() on the model it attacked when that model's own flag said
@@ -176,7 +228,7 @@ def test_apgd_reseeds_torchs_global_generator_which_none_of_our_draws_use(files)
     episode, condition): the noise and corruption conditions give the same accuracy whatever
     the global generator's state."""
     pytest.importorskip("torchattacks")
-    from amt.conditions import condition_accuracy
+    from amt.conditions import condition_verdicts
 
     method = load_method("amt", files["pool"], Hyper(), CPU)
     ys, yq = torch.arange(5), torch.arange(5).repeat_interleave(2)
@@ -200,8 +252,8 @@ def test_apgd_reseeds_torchs_global_generator_which_none_of_our_draws_use(files)
             seen = set()
             for state in (0, 99):
                 torch.manual_seed(state)
-                seen.add(condition_accuracy(adapted.classifier, xq, yq, condition, correct, 0,
-                                            3))
+                seen.add(condition_verdicts(adapted.classifier, xq, yq, condition, correct, 0,
+                                            3).float().mean().item())
             assert len(seen) == 1, condition
 
 
@@ -258,6 +310,36 @@ def test_sanity_checks_flag_what_they_should():
                       "uniform noise at l_inf 0.02 hurts far less than the attack": True,
                       f"3 vs 6 steps {conditions[0].key}": False,
                       "l_inf PGD at eps 0.25 reaches ~0": True}
+
+
+def test_the_headline_attack_is_compared_with_the_worst_case_at_its_budget():
+    """Per query: a query survives the worst case only if it survives every attack at that
+    budget; the headline (the first attack's first budget) may be 1 point above it, no more."""
+    from amt.sanity import worst_case_runs
+
+    pgd = AttackSpec("pgd", "linf", (0.01, 0.02))
+    conditions = [CLEAN, Condition("pgd", "linf", 0.01, pgd), Condition("pgd", "linf", 0.02, pgd),
+                  Condition("apgd_t", "linf", 0.01, AttackSpec("apgd_t", "linf", (0.01,))),
+                  Condition("noise", "linf", 0.01)]
+    verdicts = {conditions[1]: torch.tensor([True, True, False, True]),
+                conditions[2]: torch.tensor([True, False, False, False]),
+                conditions[3]: torch.tensor([False, True, False, True]),
+                conditions[4]: torch.tensor([True, True, True, True])}
+    extras = worst_case_runs(verdicts, 0)
+    assert extras == [{"kind": "worst", "norm": "linf", "eps": 0.01, "episode": 0,
+                       "attacks": ["pgd", "apgd_t"], "accuracy": 0.5}]
+    frame = pd.DataFrame([{"episode": 0, "attack": c.attack, "norm": c.norm, "eps": c.eps,
+                           "accuracy": v.float().mean().item()} for c, v in verdicts.items()]
+                         + [{"episode": 0, "attack": "none", "norm": "none", "eps": 0.0,
+                             "accuracy": 1.0}])
+    check = sanity_checks(frame, extras, conditions, SanitySpec())[-1]
+    assert check["check"] == ("headline pgd linf eps 0.01 within 1 point of the worst case over "
+                              "pgd+apgd_t")
+    assert (check["accuracy"], check["strongest_accuracy"], check["ok"]) == (0.75, 0.5, False)
+    frame.loc[frame.attack == "pgd", "accuracy"] = 0.505
+    assert sanity_checks(frame, extras, conditions, SanitySpec())[-1]["ok"]
+    alone = sanity_checks(frame, [], conditions, SanitySpec())  # no second attack at 0.01
+    assert not any(c["check"].startswith("headline") for c in alone)
 
 
 def test_evaluate_command_for_a_frozen_model(files, tmp_path):

@@ -18,16 +18,20 @@ from amt.specs import AttackSpec, SanitySpec
 
 
 def _checks(pgd_accuracy: float) -> list[dict]:
-    """The real checks of a one-episode job whose PGD at 1/255 leaves ``pgd_accuracy``."""
+    """The real checks of a one-episode job whose PGD at 0.01 leaves ``pgd_accuracy`` and the
+    worst case over PGD and APGD-CE at that budget half a point less."""
     rows = [("none", "none", 0.0, 0.9), ("pgd", "linf", 0.01, pgd_accuracy),
-            ("pgd", "linf", 0.02, 0.2), ("noise", "linf", 0.01, 0.9),
-            ("noise", "linf", 0.02, 0.9)]
+            ("pgd", "linf", 0.02, 0.2), ("apgd_ce", "linf", 0.01, pgd_accuracy - 0.005),
+            ("noise", "linf", 0.01, 0.9), ("noise", "linf", 0.02, 0.9)]
     frame = pd.DataFrame([{"episode": 0, "attack": a, "norm": n, "eps": e, "accuracy": acc}
                           for a, n, e, acc in rows])
     spec = AttackSpec("pgd", "linf", (0.01, 0.02), steps=3)
-    conditions = [Condition("pgd", "linf", 0.01, spec), Condition("pgd", "linf", 0.02, spec)]
+    conditions = [Condition("pgd", "linf", 0.01, spec), Condition("pgd", "linf", 0.02, spec),
+                  Condition("apgd_ce", "linf", 0.01, AttackSpec("apgd_ce", "linf", (0.01,)))]
     extras = [{"kind": "steps", "key": conditions[0].key, "episode": 0, "accuracy": 0.3},
-              {"kind": "large_eps", "eps": 0.25, "episode": 0, "accuracy": 0.0}]
+              {"kind": "large_eps", "eps": 0.25, "episode": 0, "accuracy": 0.0},
+              {"kind": "worst", "norm": "linf", "eps": 0.01, "episode": 0,
+               "attacks": ["pgd", "apgd_ce"], "accuracy": pgd_accuracy - 0.005}]
     return sanity_checks(frame, extras, conditions, SanitySpec(large_eps=0.25))
 
 
@@ -53,6 +57,9 @@ def test_every_check_family_is_named_and_failures_are_listed(tmp_path):
     failed = [c["check"] for c in bad if not c["ok"]]
     assert [line for line in text.splitlines() if line.startswith("- ")] == \
         [f"- amt: {c}" for c in failed]  # the job: its file under the files' common folder
+    assert "| pm | pgd linf eps 0.01 | 50.00 | worst case over pgd+apgd_ce | 49.50 | 0.50 | " \
+           "yes |" in text
+    assert "| the headline attack within 1 point of the strongest | 2 | 0 |" in text
 
 
 def test_a_file_without_the_job_keys_is_refused_by_name(tmp_path):

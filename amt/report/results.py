@@ -12,7 +12,7 @@ from amt.rows import CONDITION
 
 METHOD_LABELS: dict[str, str] = {name: entry.label for name, entry in METHODS.items()}
 ATTACK_LABELS: dict[str, str] = {"pgd": "PGD", "apgd_ce": "APGD-CE", "apgd_t": "APGD-T",
-                                 "noise": "random noise"}
+                                 "autoattack": "AutoAttack", "noise": "random noise"}
 NORM_LABELS: dict[str, str] = {"linf": "ℓ∞", "l2": "ℓ2"}
 
 

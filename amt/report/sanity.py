@@ -2,8 +2,9 @@
 
 Each evaluation job writes ``<rows>.sanity.json`` (``amt.evaluate``): accuracy non-increasing
 in eps, more PGD steps never helping the model, uniform noise hurting far less than the
-attack, near-zero accuracy at a large budget. A failed check only warns in the job's log; this
-table puts every job's checks where a reader of the tables sees them.
+attack, near-zero accuracy at a large budget, the headline attack within a point of the
+strongest. A failed check only warns in the job's log; this table puts every job's checks where
+a reader of the tables sees them, and the headline attack's accuracy beside the strongest's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import pandas as pd
 from amt.rows import ResultsError
 
 JOB_KEYS = ("setting", "domain", "method")
+# the headline check's numbers (empty for the other checks)
+NUMBERS = ("headline", "accuracy", "strongest", "strongest_accuracy")
 SUFFIX = ".sanity.json"
 
 
@@ -42,8 +45,10 @@ def load_sanity(paths: Iterable[Path | str]) -> pd.DataFrame:
             if not {"check", "ok"} <= check.keys():
                 raise ResultsError(f"{path}: a check without 'check' and 'ok': {check}")
             records.append({"job": name, **{k: job[k] for k in JOB_KEYS},
-                            "check": check["check"], "ok": bool(check["ok"])})
-    return pd.DataFrame.from_records(records, columns=["job", *JOB_KEYS, "check", "ok"])
+                            "check": check["check"], "ok": bool(check["ok"]),
+                            **{k: check.get(k) for k in NUMBERS}})
+    return pd.DataFrame.from_records(records, columns=["job", *JOB_KEYS, "check", "ok",
+                                                       *NUMBERS])
 
 
 KINDS = {  # a phrase of the check's text -> the check's family, whatever attack and budget
@@ -51,6 +56,7 @@ KINDS = {  # a phrase of the check's text -> the check's family, whatever attack
     "uniform noise": "uniform noise hurts far less than the attack",
     " steps ": "2k PGD steps never more accurate than k",
     "reaches ~0": "a large eps leaves ~0% accuracy",
+    "headline ": "the headline attack within 1 point of the strongest",
 }
 
 
@@ -70,7 +76,25 @@ def to_markdown(frame: pd.DataFrame) -> str:
     failed = frame[~frame.ok]
     lines += ["", "Failed:" if len(failed) else "No check failed."]
     lines += [f"- {r.job}: {r.check}" for r in failed.itertuples()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _headline_lines(frame)) + "\n"
+
+
+def _headline_lines(frame: pd.DataFrame) -> list[str]:
+    """Each job's headline attack beside the worst case over every attack at its budget."""
+    rows = frame[frame.check.map(_kind) == KINDS["headline "]]
+    if rows.empty:
+        return ["", "No job runs a second attack at its headline budget: the headline attack "
+                "is not compared with a stronger one."]
+    lines = ["", "**The headline attack against the strongest on the same episodes** "
+             "(accuracy in %; gap: headline minus strongest, at most 1 point)", "",
+             "| job | headline | accuracy | strongest | accuracy | gap | ok |",
+             "|---|---|---:|---|---:|---:|---|"]
+    for r in rows.itertuples():
+        gap = 100 * (r.accuracy - r.strongest_accuracy)
+        lines.append(f"| {r.job} | {r.headline} | {100 * r.accuracy:.2f} | {r.strongest} | "
+                     f"{100 * r.strongest_accuracy:.2f} | {gap:.2f} | "
+                     f"{'yes' if r.ok else 'no'} |")
+    return lines
 
 
 def write_sanity_table(frame: pd.DataFrame, out_dir: Path) -> list[Path]:

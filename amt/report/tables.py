@@ -12,6 +12,18 @@ Layouts:
   report's ``StatsOptions`` say) for a kind with 2+ domains.
 - ``conditions``: rows methods, columns the conditions (clean, then each attack/norm/eps); a cell
   is the average over the out-of-domain targets (all domains when there is none).
+- ``summary`` (the paper's adversarial and ablation tables): a column group per condition, each
+  the in-domain domain (or average) and the out-of-domain average.
+- ``corruptions``: a column group per corruption, its severities and their mean, then the mean
+  over every corruption and severity (RobustBench's mean corruption accuracy); cells average the
+  out-of-domain targets. A mean is taken per (seed, episode) first, over conditions every one of
+  which the row has, so its interval is that of one paired quantity.
+
+The paper's tables (``PAPER_TABLES``) group rows by a registry fact (``ROW_GROUPS``: test-time
+fine-tuning, adversarial test-time fine-tuning) and show AMT's components as ✓/✗ columns
+(``registry.components``). Their rows are the methods no ablation table (layout
+``conditions``) lists, or an ablation table's own rows: a new method falls into place by its
+registry entry.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from amt.registry import sweep_of
+from amt.registry import COMPONENTS, METHODS, components, sweep_of
 from amt.report.results import (
     METHOD_LABELS,
     condition_label,
@@ -43,6 +55,10 @@ log = logging.getLogger(__name__)
 MAIN_METHODS = ("pm", "pmf", "lora", "amt", "amt_ft")
 ID_AVG, OOD_AVG = "in-domain avg", "out-of-domain avg"
 Cells = dict[tuple[str, str], Estimate]
+LAYOUTS = ("domains", "conditions", "summary", "corruptions")
+# a registry fact that splits a paper table's rows: (the entry's fact, (label if not, if so))
+ROW_GROUPS = {"ttf": ("finetune", ("without TTF", "with TTF")),
+              "adv_ttf": ("ft_adversarial", ("without Adv. TTF", "with Adv. TTF"))}
 
 
 @dataclass(frozen=True)
@@ -58,11 +74,19 @@ class TableSpec:
     difference: bool = False  # cells are paired differences to the reference method
     labels: dict[str, str] = field(default_factory=dict)  # row labels overriding METHOD_LABELS
     family: str | None = None  # a sweep (registry.SWEEPS): its generated methods are rows too
+    main: bool = False  # rows: every method no ablation table lists (methods left empty)
+    row_groups: str | None = None  # a ROW_GROUPS key
+    marks: bool = False  # ✓/✗ columns of AMT's components
 
     def __post_init__(self) -> None:
-        if self.layout not in ("domains", "conditions"):
-            raise ValueError(f"table {self.name}: layout {self.layout!r}; expected domains or "
-                             "conditions")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"table {self.name}: layout {self.layout!r}; expected one of "
+                             f"{list(LAYOUTS)}")
+        if self.main and self.methods != ():
+            raise ValueError(f"table {self.name}: a main table's methods are found, not listed")
+        if self.row_groups not in (None, *ROW_GROUPS):
+            raise ValueError(f"table {self.name}: row groups {self.row_groups!r}; expected one "
+                             f"of {list(ROW_GROUPS)}")
         if self.difference != (self.methods is None):
             raise ValueError(f"table {self.name}: methods must be None exactly when the table "
                              "shows differences (then every method is a row)")
@@ -94,6 +118,21 @@ TABLES: tuple[TableSpec, ...] = (
     TableSpec("difference", "Paired difference to the reference method", None, _BOTH,
               difference=True),
 )
+# The ablation tables: their methods are not the main tables' rows
+ABLATION_TABLES = tuple(s for s in TABLES if s.layout == "conditions")
+# The paper's layouts: Table 1 (one per benchmark: Meta-Dataset, BSCD-FSL, fine-grained), the
+# adversarial table, the corruptions, and every ablation table with its rows.
+PAPER_TABLES: tuple[TableSpec, ...] = (
+    TableSpec("table1", "Clean accuracy (the paper's Table 1)", (), ("clean",), main=True,
+              row_groups="ttf"),
+    TableSpec("paper_adversarial", "Clean and adversarial accuracy (the paper's layout)", (),
+              _BOTH, "summary", main=True, row_groups="adv_ttf"),
+    TableSpec("corruptions", "Accuracy under common corruptions", (), ("corruption",),
+              "corruptions", main=True, row_groups="ttf"),
+    *(replace(s, name=f"paper_{s.name}", title=f"{s.title} (the paper's layout)",
+              layout="summary", marks=s.name == "ablation")
+      for s in ABLATION_TABLES),
+)
 
 
 @dataclass
@@ -108,6 +147,9 @@ class Table:
     column_labels: list[str]
     cells: Cells
     signed: bool = False
+    row_groups: list[str] | None = None  # a group label per row
+    column_groups: list[str] | None = None  # a group label per column
+    marks: dict[str, dict[str, bool]] = field(default_factory=dict)  # row -> COMPONENTS
 
 
 # -- data selection -------------------------------------------------------------------------------
@@ -130,7 +172,27 @@ def _rows(spec: TableSpec, present: set[str], reference: str) -> list[str]:
     shown = [m for m in spec.methods if m in present] + _family_rows(spec, present)
     if not shown:
         return []
-    return ([spec.anchor] if spec.anchor in present else []) + shown
+    rows = ([spec.anchor] if spec.anchor in present else []) + shown
+    return sorted(rows, key=lambda m: _row_group(spec, m)) if spec.row_groups else rows
+
+
+def _row_group(spec: TableSpec, method: str) -> bool:
+    """The registry fact ``spec.row_groups`` names, of ``method`` (False if unregistered)."""
+    fact = ROW_GROUPS[spec.row_groups][0]
+    return method in METHODS and getattr(METHODS[method], fact)
+
+
+def main_methods(results: pd.DataFrame) -> tuple[str, ...]:
+    """The methods of ``results`` that no ablation table lists (by name, or as a member of the
+    sweep family it shows: amt_lambda_3 belongs to the lambda table)."""
+    listed = {m for s in ABLATION_TABLES for m in s.methods}
+    families = {s.family for s in ABLATION_TABLES if s.family}
+
+    def ablation(method: str) -> bool:
+        found = sweep_of(method)
+        return method in listed or (found is not None and found[0].family in families)
+
+    return tuple(m for m in ordered_methods(set(results.method)) if not ablation(m))
 
 
 def _family_rows(spec: TableSpec, present: set[str]) -> list[str]:
@@ -247,23 +309,104 @@ def _conditions_table(spec: TableSpec, data: pd.DataFrame, group: tuple, rows: l
                  [condition_label(*c) for c in found], cells)
 
 
+def _summary_columns(in_domain: list[str], out_domain: list[str]
+                     ) -> list[tuple[str, list[str]]]:
+    """(column, its domains): the in-domain domain (or their average if several), then the
+    out-of-domain domain or average."""
+    return [(kind[0] if len(kind) == 1 else name, kind)
+            for name, kind in ((ID_AVG, in_domain), (OOD_AVG, out_domain)) if kind]
+
+
+def _summary_table(spec: TableSpec, data: pd.DataFrame, group: tuple, rows: list[str],
+                   reference: str, stats: StatsOptions) -> Table:
+    shown = data[data.method.isin(rows)]
+    in_domain, out_domain = ordered_domains(shown)
+    columns, labels, groups, cells = [], [], [], {}
+    for condition in conditions(shown, spec.kinds):
+        per_domain = domain_cells(select_condition(shown, condition), rows,
+                                  in_domain + out_domain, stats=stats)
+        for name, domains in _summary_columns(in_domain, out_domain):
+            column = f"{condition_slug(*condition)}:{name}"
+            columns.append(column)
+            labels.append(name)
+            groups.append(condition_label(*condition))
+            for row in rows:
+                if (estimate := average_cell(per_domain, row, domains, stats)) is not None:
+                    cells[row, column] = estimate
+    where = f"in-domain: {', '.join(in_domain) or 'none'}; out-of-domain: " \
+            f"{', '.join(out_domain) or 'none'}"
+    return Table(_stem(spec.name, *map(str, group)), _caption(spec, group, reference, where),
+                 rows, _labels(spec, rows), columns, labels, cells, column_groups=groups)
+
+
+def _mean_over(frame: pd.DataFrame, found: list[tuple[str, str, float]]) -> pd.DataFrame:
+    """Per (method, domain, seed, episode) the mean accuracy over the conditions ``found``,
+    where every one of them has a row."""
+    parts = pd.concat([select_condition(frame, c) for c in found])
+    keys = ["method", "domain", "in_domain", "seed", "episode"]
+    means = parts.groupby(keys, observed=True).accuracy.agg(["mean", "size"]).reset_index()
+    return means[means["size"] == len(found)].rename(columns={"mean": "accuracy"})
+
+
+def _corruption_table(spec: TableSpec, data: pd.DataFrame, group: tuple, rows: list[str],
+                      reference: str, stats: StatsOptions) -> Table:
+    shown = data[data.method.isin(rows)]
+    targets, how = target_domains(shown)
+    found = conditions(shown, ("corruption",))
+    parts: list[tuple[str, str, str, pd.DataFrame]] = []  # column, label, group, its rows
+    for name in dict.fromkeys(c[0] for c in found):
+        theirs = [c for c in found if c[0] == name]
+        label = name.replace("_", " ")
+        parts += [(f"{name}:s{c[2]:g}", f"s{c[2]:g}", label, select_condition(shown, c))
+                  for c in theirs]
+        parts.append((f"{name}:mean", "mean", label, _mean_over(shown, theirs)))
+    if found:
+        parts.append(("mean", "mean", "all corruptions", _mean_over(shown, found)))
+    cells: Cells = {}
+    for column, _, _, part in parts:
+        per_domain = domain_cells(part, rows, targets, stats=stats)
+        for row in rows:
+            if (estimate := average_cell(per_domain, row, targets, stats)) is not None:
+                cells[row, column] = estimate
+    return Table(_stem(spec.name, *map(str, group)),
+                 _caption(spec, group, reference, f"{how} ({', '.join(targets)}); means "
+                          "per episode over the severities, and over every corruption and "
+                          "severity"),
+                 rows, _labels(spec, rows), [p[0] for p in parts], [p[1] for p in parts],
+                 cells, column_groups=[p[2] for p in parts])
+
+
+_BUILDERS = {"conditions": _conditions_table, "summary": _summary_table,
+             "corruptions": _corruption_table}
+
+
+def _decorate(spec: TableSpec, table: Table) -> None:
+    """The row groups and component marks the spec asks for, from the registry."""
+    if spec.row_groups:
+        labels = ROW_GROUPS[spec.row_groups][1]
+        table.row_groups = [labels[_row_group(spec, row)] for row in table.rows]
+    if spec.marks:
+        table.marks = {row: components(row) for row in table.rows}
+
+
 def spec_tables(spec: TableSpec, results: pd.DataFrame, notes: list[str],
                 reference: str = "pm", stats: StatsOptions = DEFAULT) -> list[Table]:
     """Every table of ``spec`` the results support; notes what is skipped or missing."""
     tables = []
     for group, data in results.groupby(list(GROUP), sort=False):
-        slices = ([(data, None)] if spec.layout == "conditions" else
+        slices = ([(data, None)] if spec.layout != "domains" else
                   [(select_condition(data, c), c) for c in conditions(data, spec.kinds)])
         for part, condition in slices:
             present = set(part.method)
             rows = _rows(spec, present, reference)
             if not rows:
                 continue
-            table = (_conditions_table(spec, part, group, rows, reference, stats)
+            table = (_BUILDERS[spec.layout](spec, part, group, rows, reference, stats)
                      if condition is None else
                      _domains_table(spec, part, group, condition, rows, reference, stats))
             if not table.columns:
                 continue
+            _decorate(spec, table)
             table.caption += _seeds_caption(table)
             wanted = (spec.anchor,) * bool(spec.anchor) + (spec.methods or ())
             absent = [m for m in wanted if m not in present]
@@ -297,7 +440,8 @@ def _uncovered(results: pd.DataFrame, specs: Sequence[TableSpec],
     if extra := set(results.method) - named - set(references):
         notes.append(f"methods in no accuracy table (see the difference tables): "
                      f"{', '.join(ordered_methods(extra))}")
-    if (results.norm == "corruption").any():
+    if (results.norm == "corruption").any() and \
+            not any(s.layout == "corruptions" for s in specs):
         notes.append("corruption rows are shown in the corruption figures, not in tables")
     return notes
 
@@ -326,13 +470,47 @@ def _cell_text(table: Table, row: str, column: str) -> tuple[str, str] | None:
     return _number(estimate.mean, table.signed), f"{100 * estimate.ci:.2f}"
 
 
+MARK = {True: "✓", False: "✗"}
+
+
+def _group_starts(table: Table) -> dict[int, str]:
+    """Row index -> the row group's label, where a group starts."""
+    if table.row_groups is None:
+        return {}
+    return {i: g for i, g in enumerate(table.row_groups)
+            if i == 0 or table.row_groups[i - 1] != g}
+
+
+def _column_spans(table: Table) -> list[tuple[str, int]]:
+    """Consecutive columns of one group: (its label, how many)."""
+    spans: list[tuple[str, int]] = []
+    for label in table.column_groups or ():
+        if spans and spans[-1][0] == label:
+            spans[-1] = (label, spans[-1][1] + 1)
+        else:
+            spans.append((label, 1))
+    return spans
+
+
+def _header_labels(table: Table) -> list[str]:
+    """Column labels, prefixed by their group's where columns are grouped (Markdown, CSV)."""
+    if table.column_groups is None:
+        return list(table.column_labels)
+    return [f"{g}: {label}" for g, label in zip(table.column_groups, table.column_labels,
+                                                strict=True)]
+
+
 def to_markdown(table: Table) -> str:
     best = best_cells(table)
+    marks = list(COMPONENTS) if table.marks else []
     lines = [f"**{table.caption}**", "",
-             "| Method | " + " | ".join(table.column_labels) + " |",
-             "|---|" + "---:|" * len(table.columns)]
-    for row, label in zip(table.rows, table.row_labels, strict=True):
-        cells = []
+             "| Method | " + " | ".join(marks + _header_labels(table)) + " |",
+             "|---|" + ":---:|" * len(marks) + "---:|" * len(table.columns)]
+    starts = _group_starts(table)
+    for i, (row, label) in enumerate(zip(table.rows, table.row_labels, strict=True)):
+        if i in starts:
+            lines.append(f"| *{starts[i]}* |" + " |" * (len(marks) + len(table.columns)))
+        cells = [MARK[table.marks[row][m]] for m in marks]
         for column in table.columns:
             text = _cell_text(table, row, column)
             cell = "–" if text is None else f"{text[0]} ± {text[1]}"
@@ -344,23 +522,44 @@ def to_markdown(table: Table) -> str:
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#",
                   "$": r"\$", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
                   "^": r"\textasciicircum{}", "ℓ": r"$\ell$", "∞": r"$\infty$",
-                  "ε": r"$\varepsilon$", "–": "--", "·": r"$\cdot$", "±": r"$\pm$"}
+                  "ε": r"$\varepsilon$", "–": "--", "·": r"$\cdot$", "±": r"$\pm$",
+                  "λ": r"$\lambda$", "✓": r"\checkmark", "✗": r"$\times$"}
 
 
 def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(char, char) for char in text)
 
 
+def _latex_column_groups(table: Table, first: int) -> list[str]:
+    """The header row of the column groups (spanning their columns) and its rules; ``first``:
+    the number of columns before them."""
+    cells, rules, at = [""] * first, [], first + 1
+    for label, width in _column_spans(table):
+        cells.append(rf"\multicolumn{{{width}}}{{c}}{{{latex_escape(label)}}}")
+        rules.append(rf"\cmidrule(lr){{{at}-{at + width - 1}}}")
+        at += width
+    return [" & ".join(cells) + r" \\", " ".join(rules)]
+
+
 def to_latex(table: Table) -> str:
     best = best_cells(table)
-    lines = ["% needs \\usepackage{booktabs}", r"\begin{table}[t]", r"\centering",
+    marks = list(COMPONENTS) if table.marks else []
+    width = 1 + len(marks) + len(table.columns)
+    lines = ["% needs \\usepackage{booktabs, amssymb}", r"\begin{table}[t]", r"\centering",
              rf"\caption{{{latex_escape(table.caption)}}}",
              rf"\label{{tab:{table.stem}}}",
-             rf"\begin{{tabular}}{{l{'c' * len(table.columns)}}}", r"\toprule",
-             " & ".join(["Method", *map(latex_escape, table.column_labels)]) + r" \\",
-             r"\midrule"]
-    for row, label in zip(table.rows, table.row_labels, strict=True):
-        cells = [latex_escape(label)]
+             rf"\begin{{tabular}}{{l{'c' * (width - 1)}}}", r"\toprule"]
+    if table.column_groups is not None:
+        lines += _latex_column_groups(table, 1 + len(marks))
+    lines += [" & ".join(["Method", *marks, *map(latex_escape, table.column_labels)]) + r" \\",
+              r"\midrule"]
+    starts = _group_starts(table)
+    for i, (row, label) in enumerate(zip(table.rows, table.row_labels, strict=True)):
+        if i in starts:
+            lines += [r"\midrule"] * (i > 0)
+            lines.append(rf"\multicolumn{{{width}}}{{l}}{{\textit{{{latex_escape(starts[i])}}}}} "
+                         r"\\")
+        cells = [latex_escape(label)] + [latex_escape(MARK[table.marks[row][m]]) for m in marks]
         for column in table.columns:
             text = _cell_text(table, row, column)
             if text is None:
@@ -375,10 +574,14 @@ def to_latex(table: Table) -> str:
 
 
 def to_frame(table: Table) -> pd.DataFrame:
-    """Numbers in % (points for differences); empty where a cell has no results."""
+    """Numbers in % (points for differences); empty where a cell has no results; the row group
+    and the component marks (true/false) where the table has them."""
     records = []
-    for row in table.rows:
+    for i, row in enumerate(table.rows):
         record: dict[str, object] = {"method": row}
+        if table.row_groups is not None:
+            record["group"] = table.row_groups[i]
+        record.update(table.marks.get(row, {}))
         for column in table.columns:
             estimate = table.cells.get((row, column))
             record[f"{column}_mean"] = np.nan if estimate is None else 100 * estimate.mean
@@ -418,7 +621,7 @@ def _index(tables: list[Table], notes: list[str], references: Sequence[str],
 def _seeds_caption(table: Table) -> str:
     """'; 3 seeds' (or '; 2-3 seeds') when the cells average several training seeds."""
     seeds = sorted({e.seeds for e in table.cells.values()})
-    if seeds[-1] == 1:
+    if seeds in ([], [1]):
         return "; 1 seed"
     return f"; {seeds[0]}-{seeds[-1]} seeds" if len(seeds) > 1 else f"; {seeds[0]} seeds"
 
@@ -450,8 +653,8 @@ def _per_reference(specs: Sequence[TableSpec], references: Sequence[str]
 
 
 def build_tables(results: pd.DataFrame, out_dir: Path, references: Sequence[str] = REFERENCES,
-                 specs: Sequence[TableSpec] = TABLES, stats: StatsOptions = DEFAULT
-                 ) -> list[Path]:
+                 specs: Sequence[TableSpec] = TABLES + PAPER_TABLES,
+                 stats: StatsOptions = DEFAULT) -> list[Path]:
     """Write every table the results support and ``tables.md``; return the paths written.
     Paired-difference tables are written once per method in ``references``; ``stats`` says
     how episodes and domains are summarised."""
@@ -462,6 +665,8 @@ def build_tables(results: pd.DataFrame, out_dir: Path, references: Sequence[str]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
+    main = main_methods(results)
+    specs = [replace(s, methods=main, main=False) if s.main else s for s in specs]
     tables = [t for spec, reference in _per_reference(specs, references)
               for t in spec_tables(spec, results, notes, reference, stats)]
     notes += _uncovered(results, specs, references)
