@@ -49,7 +49,7 @@ def row_differences(a: Path, b: Path) -> dict[str, float]:
     keys = ["backbone", "setting", "domain", "method", "episode", "attack", "norm", "eps"]
     frames = []
     for root in (a, b):
-        rows = pd.concat(pd.read_csv(p) for p in sorted(root.glob("eval/*/*/*/*.csv"))
+        rows = pd.concat(pd.read_csv(p) for p in sorted(root.glob("eval/**/*.csv"))
                          if not p.name.endswith(".spectra.csv"))
         frames.append(rows.set_index(keys)["accuracy"])
     joined = pd.concat(frames, axis=1, keys=["a", "b"], join="outer")

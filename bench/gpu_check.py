@@ -92,7 +92,7 @@ def workflow_config(backbone: str, device: str, folder: Path) -> str:
     (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     evaluate = config["evaluate"]
     return path("rows", backbone=backbone, setting=evaluate["settings"][0],
-                domain=evaluate["targets"][-1], method="amt")
+                seed=Plan(config).seeds[0], domain=evaluate["targets"][-1], method="amt")
 
 
 # -- the estimate ---------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from amt.plan import Plan
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -103,3 +105,11 @@ def test_bench_train_measures_each_shot_count_in_the_training_dtype():
     assert rows[1]["gflop"] > rows[0]["gflop"] > 0  # more support images, more work
     assert bench_train.compute_dtype("cuda:0", True) == "bfloat16"
     assert bench_train.compute_dtype("cuda:0", False) == "float32"
+
+
+def test_the_workflow_step_targets_one_planned_evaluation(tmp_path):
+    """bench/gpu_check.sh's workflow run asks for an evaluation the plan makes (the first
+    training seed's), not a path with a wildcard left in it."""
+    target = gpu_check.workflow_config("tiny_vit", "cpu", tmp_path)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert target in Plan(config).rows() and "{" not in target
