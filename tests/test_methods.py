@@ -250,17 +250,22 @@ def test_embedding_cache_gives_the_logits_of_a_direct_forward(pool_dir):
         cache(np.array([7]))
 
 
+def _members_logits(folder: Path, xs, ys, x) -> torch.Tensor:
+    """[P, n, N]: each member alone, its prototypes from the clean support."""
+    logits = []
+    for p in range(3):
+        backbone, head = _member_model(folder, p)
+        with torch.no_grad():
+            protos = torch.stack([backbone(xs)[ys == c].mean(0) for c in range(WAYS)])
+            logits.append(head(backbone(x), protos))
+    return torch.stack(logits)
+
+
 def test_logit_average_is_the_mean_of_the_members_alone(pool_dir):
     method = _pool_method(pool_dir, "amt_logit_avg")
     xs, ys, xq, yq = colour_episode()
-    expected = []
-    for p in range(3):
-        backbone, head = _member_model(pool_dir, p)
-        with torch.no_grad():
-            protos = torch.stack([backbone(xs)[ys == c].mean(0) for c in range(WAYS)])
-            expected.append(head(backbone(xq), protos))
     with method.adapt(xs, ys, 0, queries=xq) as adapted:
-        mean = torch.stack(expected).mean(0)
+        mean = _members_logits(pool_dir, xs, ys, xq).mean(0)
         torch.testing.assert_close(adapted.clean_logits, mean, atol=1e-5, rtol=1e-5)
         x = xq.clone().requires_grad_(True)
         F.cross_entropy(adapted.classifier(x), yq).backward()  # members swap by pointer
@@ -322,17 +327,6 @@ def test_mixed_precision_adapts_and_attacks(pool_dir, monkeypatch, name):
         assert adapted.classifier(adv).dtype == torch.float32
 
 
-def _members_logits(folder: Path, xs, ys, x) -> torch.Tensor:
-    """[P, n, N]: each member alone, its prototypes from the clean support."""
-    logits = []
-    for p in range(3):
-        backbone, head = _member_model(folder, p)
-        with torch.no_grad():
-            protos = torch.stack([backbone(xs)[ys == c].mean(0) for c in range(WAYS)])
-            logits.append(head(backbone(x), protos))
-    return torch.stack(logits)
-
-
 def test_amt_linear_weighs_the_members_logits_by_weights_fitted_on_the_augmented_support(
         pool_dir):
     xs, ys, xq, yq = colour_episode()
@@ -371,10 +365,7 @@ def test_amt_single_is_its_one_lora_frozen_without_a_per_episode_merge(pool_dir,
     assert isinstance(method, FrozenMethod)
     monkeypatch.setattr(methods, "merge", lambda *a: pytest.fail("merged per episode"))
     xs, ys, xq, _ = colour_episode()
-    backbone, head = _member_model(pool_dir, 1)
-    with torch.no_grad():
-        protos = torch.stack([backbone(xs)[ys == c].mean(0) for c in range(WAYS)])
-        expected = head(backbone(xq), protos)
+    expected = _members_logits(pool_dir, xs, ys, xq)[1]
     with method.adapt(xs, ys, 0, queries=xq) as adapted:
         torch.testing.assert_close(adapted.clean_logits, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(CheckpointError, match="needs a amt model file"):
